@@ -1,0 +1,5 @@
+import sys
+
+from conslu.cli import main
+
+sys.exit(main())

