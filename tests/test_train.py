@@ -1,0 +1,357 @@
+"""Training (conslu.train): bucketing, SpecAugment, configs, a tiny training run, resume, export, cache.
+
+Everything runs on a tiny random Whisper (1 layer, d_model 64) with the real Whisper tokenizer
+(converted tiny.en files) and a tiny STOP-layout corpus of noise recordings.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conslu.train import (
+    BucketBatchSampler,
+    ExportBest,
+    SLUDataModule,
+    SLUModule,
+    SpecAugment,
+    cmd_train,
+    export_model,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFS = sorted((REPO / "conf").glob("*.yaml"))
+
+# Full normalized trees (all words kept); transcripts and decoupled forms are derived from them.
+FULL_TREES = [
+    "[IN:CREATE_ALARM set an alarm [SL:DATE_TIME for seven am ] ]",
+    "[IN:GET_WEATHER what is the weather [SL:DATE_TIME today ] ]",
+    "[IN:PAUSE_TIMER pause the [SL:METHOD_TIMER timer ] ]",
+    "[IN:DELETE_ALARM delete my alarms ]",
+    "[IN:GET_WEATHER is it going to [SL:WEATHER_ATTRIBUTE rain ] [SL:DATE_TIME tomorrow ] ]",
+    "[IN:CREATE_TIMER set a [SL:METHOD_TIMER timer ] [SL:DATE_TIME for ten minutes ] ]",
+    "[IN:GET_ALARM show my alarms ]",
+    "[IN:GET_WEATHER how [SL:WEATHER_ATTRIBUTE cold ] is it in [SL:LOCATION boston ] ]",
+]
+HEADER = ["file_id", "domain", "gender", "native", "utterance", "seqlogical", "normalized_utterance",
+          "normalized_seqlogical", "decoupled_normalized_seqlogical"]
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 1-layer Whisper folder with the real tiny.en tokenizer and feature extractor."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from conslu.pretrained import resolve_model
+
+    src = Path(resolve_model("whisper-tiny.en"))
+    out = tmp_path_factory.mktemp("tiny-whisper")
+    config = WhisperConfig.from_pretrained(src)
+    for key, value in dict(d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                           decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128).items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    WhisperForConditionalGeneration(config).save_pretrained(out)
+    for f in src.iterdir():
+        if f.name not in ("config.json", "model.safetensors") and f.is_file():
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def _domain(tree: str) -> str:
+    return "alarm" if "ALARM" in tree else "timer" if "TIMER" in tree else "weather"
+
+
+def write_corpus(root: Path, n_train: int = 8, n_eval: int = 4, seed: int = 0) -> Path:
+    """A STOP-layout corpus with noise audio (0.3-1.0 s) and the trees above."""
+    import soundfile
+
+    from conslu.logical_form import decouple, parse_tree, words
+
+    rng = np.random.default_rng(seed)
+    (root / "manifests").mkdir(parents=True, exist_ok=True)
+    for split, n, folder in (("train", n_train, "train"), ("eval", n_eval, "eval_0")):
+        lines = ["\t".join(HEADER)]
+        for i in range(n):
+            full = FULL_TREES[(i if split == "train" else i + 3) % len(FULL_TREES)]
+            tree = parse_tree(full)
+            text = " ".join(words(tree))
+            dom = _domain(full)
+            sub = f"{dom}_{split}" if split == "train" else f"{dom}_eval"
+            rel = f"{folder}/{sub}/{split}{i:08d}.wav"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            secs = 0.3 + 0.7 * rng.random()
+            soundfile.write(root / rel, (0.1 * rng.standard_normal(int(16000 * secs))).astype(np.float32), 16000)
+            lines.append("\t".join([rel, dom, "female", "yes", text, full, text, full, str(decouple(tree))]))
+        (root / "manifests" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("stop"))
+
+
+def base_args(model: Path, data: Path, root: Path, *extra: str) -> list[str]:
+    return [
+        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
+        "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(root),
+        "--model.model", str(model), "--model.grammar", "train", "--model.warmup_steps", "2",
+        "--model.lr", "1e-3", "--model.val_max_new_tokens", "40",
+        "--data.data_dir", str(data), "--data.batch_size", "4", "--data.bucket_size", "2",
+        *extra,
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# bucketing
+
+
+def test_bucket_sampler_groups_lengths_and_covers_everything() -> None:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 200, size=203).tolist()
+    s = BucketBatchSampler(lengths, 8, bucket_size=5, shuffle=True, seed=1)
+    batches = list(s)
+    assert len(batches) == len(s)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(203))  # every index exactly once
+    spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches])
+    rand = BucketBatchSampler(lengths, 8, bucket_size=1, shuffle=True, seed=1)  # sorted per batch only
+    rand_spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in rand])
+    assert spread < rand_spread / 2
+    # deterministic per epoch, different across epochs
+    assert list(s) == batches
+    s.set_epoch(1)
+    assert list(s) != batches
+    # buckets are not globally sorted: the batch order is shuffled
+    means = [np.mean([lengths[i] for i in b]) for b in batches]
+    assert means != sorted(means)
+
+
+def test_bucket_sampler_shards_and_skips() -> None:
+    lengths = list(range(50))
+    shards = [list(BucketBatchSampler(lengths, 4, bucket_size=3, seed=0, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 7  # 13 batches padded to 14
+    assert not {tuple(b) for b in shards[0][:6]} & {tuple(b) for b in shards[1][:6]}
+    s = BucketBatchSampler(lengths, 4, bucket_size=3, seed=0)
+    full = list(s)
+    s.skip_to(0, 5)
+    assert list(s) == full[5:]
+    assert list(s) == full  # the skip applies once
+    s.skip_to(3, 5)  # another epoch's position: no skip in this epoch
+    assert list(s) == full
+
+
+# ---------------------------------------------------------------------------------------------
+# SpecAugment
+
+
+def test_spec_augment_only_in_training() -> None:
+    torch.manual_seed(0)
+    aug = SpecAugment(freq_mask_param=20, time_mask_param=200)
+    x = torch.randn(3, 80, 3000)
+    aug.train()
+    y = aug(x)
+    assert y.shape == x.shape and not torch.equal(x, y)
+    assert ((y == x).float().mean() > 0.5)  # masks, not noise
+    aug.eval()
+    assert torch.equal(aug(x), x)
+
+
+def test_module_spec_augment_follows_train_eval_mode() -> None:
+    m = SLUModule(spec_augment=True)
+    assert isinstance(m.spec_augment, SpecAugment)
+    m.eval()
+    assert not m.spec_augment.training
+    m.train()
+    assert m.spec_augment.training
+    assert SLUModule().spec_augment is None
+
+
+def test_module_rejects_bad_combinations() -> None:
+    with pytest.raises(ValueError, match="freeze_encoder"):
+        SLUModule(cache_encoder=True)
+    with pytest.raises(ValueError, match="spec_augment"):
+        SLUModule(freeze_encoder=True, cache_encoder=True, spec_augment=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# configs
+
+
+@pytest.mark.parametrize("conf", [c for c in CONFS if c.name != "ddp.yaml"], ids=lambda c: c.name)
+def test_configs_parse(conf: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cmd_train(["--config", str(conf), "--config", str(REPO / "conf" / "ddp.yaml"), "--print_config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["trainer"]["strategy"] == "ddp"  # the overlay applies
+    assert cfg["trainer"]["use_distributed_sampler"] is False
+    assert cfg["model"]["model"]
+    assert cfg["checkpoint"]["monitor"] == "val/em" and cfg["checkpoint"]["save_last"] is True
+    if cfg["model"]["cache_encoder"]:
+        assert cfg["model"]["freeze_encoder"] and not cfg["model"]["spec_augment"]
+    else:
+        assert cfg["data"]["batch_size"] * cfg["trainer"]["accumulate_grad_batches"] == 16
+        assert cfg["model"]["warmup_steps"] == 5000 and cfg["model"]["lr"] == 3e-5
+
+
+def test_expected_configs_exist() -> None:
+    names = {c.stem for c in CONFS}
+    assert {"whisper-tiny.en", "whisper-base", "whisper-small", "whisper-medium", "whisper-large-v2",
+            "cpu-tiny", "ddp"} <= names
+
+
+def test_bad_arguments_fail_cleanly(tmp_path: Path) -> None:
+    assert cmd_train(["--no_such_option", "1"]) != 0
+    code = cmd_train(["--config", str(REPO / "conf" / "cpu-tiny.yaml"), "--trainer.default_root_dir",
+                      str(tmp_path), "--ckpt_path", "last"])
+    assert code == 2  # nothing to resume: a one-line error, no training
+
+
+# ---------------------------------------------------------------------------------------------
+# training runs on the tiny model
+
+
+class _Record(torch.nn.Module):
+    pass
+
+
+def _run(args: list[str], stop_at: int | None = None) -> dict:
+    """Run cmd_train and return what a recording callback saw (``stop_at``: interrupt after that step)."""
+    from lightning.pytorch.callbacks import Callback
+
+    seen: dict = {"start_step": None, "batches": [], "losses": [], "opt_steps": None, "sched_epoch": None}
+
+    class Recorder(Callback):
+        def on_train_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+            seen["start_step"] = trainer.global_step
+            opt = trainer.optimizers[0]
+            steps = [float(s["step"]) for s in opt.state.values() if "step" in s]
+            seen["opt_steps"] = max(steps) if steps else 0.0
+            seen["sched_epoch"] = trainer.lr_scheduler_configs[0].scheduler.last_epoch
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+            seen["batches"].append(tuple(r["id"] for r in batch["refs"]))
+            seen["losses"].append(float(outputs["loss"]))
+            if stop_at is not None and trainer.global_step >= stop_at:
+                trainer.should_stop = True  # like a kill right after the step's checkpoint
+
+        def on_train_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+            seen["end_step"] = trainer.global_step
+            seen["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    import conslu.train as tr
+
+    orig = tr.SLUCLI.__init__
+
+    def patched(self, *a, **kw):  # type: ignore[no-untyped-def]
+        kw.setdefault("trainer_defaults", {})["callbacks"] = [Recorder()]
+        orig(self, *a, **kw)
+
+    tr.SLUCLI.__init__ = patched  # type: ignore[method-assign]
+    try:
+        assert cmd_train(args) == 0
+    finally:
+        tr.SLUCLI.__init__ = orig  # type: ignore[method-assign]
+    return seen
+
+
+def test_training_reduces_loss_logs_metrics_and_exports(tiny_whisper: Path, corpus: Path, tmp_path: Path) -> None:
+    from conslu.model import ConSLU
+
+    root = tmp_path / "run"
+    seen = _run(base_args(tiny_whisper, corpus, root, "--trainer.max_epochs", "10",
+                          "--trainer.check_val_every_n_epoch", "5", "--model.lr", "5e-3",
+                          "--data.limit_train", "4", "--data.shuffle", "false"))
+    losses = seen["losses"]
+    assert len(losses) == 10
+    assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3])  # 4.55 -> 3.35 measured
+    for key in ("val/em", "val/em_tree", "val/validity", "val/wer", "val/loss"):
+        assert key in seen["metrics"], key
+    assert 0.0 <= seen["metrics"]["val/em"] <= 1.0
+    assert (root / "checkpoints" / "last.ckpt").is_file()
+    best = root / "best"
+    assert best.is_dir() and (best / "training.json").is_file()
+    assert not [p for p in root.iterdir() if p.name.startswith(".best.")]  # no temporary leftovers
+    slu = ConSLU.from_pretrained(best)
+    assert slu.grammar.labels  # grammar extracted from the training split travelled with the model
+
+
+@pytest.mark.slow
+def test_resume_continues_from_same_step(tiny_whisper: Path, corpus: Path, tmp_path: Path) -> None:
+    common = ["--checkpoint.every_n_train_steps", "1", "--trainer.max_epochs", "-1",
+              "--trainer.check_val_every_n_epoch", "100", "--data.batch_size", "2"]
+    straight = _run(base_args(tiny_whisper, corpus, tmp_path / "a", *common, "--trainer.max_steps", "6"))
+    first = _run(base_args(tiny_whisper, corpus, tmp_path / "b", *common, "--trainer.max_steps", "6"), stop_at=3)
+    assert first["end_step"] == 3
+    second = _run(base_args(tiny_whisper, corpus, tmp_path / "b", *common, "--trainer.max_steps", "6",
+                            "--ckpt_path", "last"))
+    assert second["start_step"] == 3 and second["end_step"] == 6
+    assert second["opt_steps"] == 3.0  # AdamW state restored
+    assert second["sched_epoch"] == 3  # scheduler restored
+    # the same batches in the same order as an uninterrupted run (epoch of 4 batches, resumed mid-epoch)
+    assert first["batches"] + second["batches"] == straight["batches"]
+    assert np.allclose(first["losses"] + second["losses"], straight["losses"], rtol=1e-4, atol=1e-5)
+
+
+def test_export_model_replaces_atomically(tiny_whisper: Path, tmp_path: Path) -> None:
+    from conslu.model import ConSLU
+
+    slu = ConSLU.init(str(tiny_whisper), str(REPO / "grammar" / "topv2.json"))
+    dest = tmp_path / "best"
+    export_model(slu, dest, {"value": 0.1})
+    (dest / "stale.txt").write_text("old")
+    export_model(slu, dest, {"value": 0.2})
+    assert not (dest / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    assert ConSLU.from_pretrained(dest).grammar.labels
+
+
+def test_export_best_only_on_improvement() -> None:
+    cb = ExportBest(mode="max")
+    assert cb._better(0.1)
+    cb.best = 0.5
+    assert not cb._better(0.5) and cb._better(0.6)
+    cb.load_state_dict(cb.state_dict())
+    assert cb.best == 0.5
+
+
+def test_cached_encoder_matches_uncached(tiny_whisper: Path, corpus: Path, tmp_path: Path) -> None:
+    """Decoder loss on cached (fp16 on disk) encoder outputs equals the loss with the live encoder."""
+    from conslu.features import EncoderCache
+
+    module = SLUModule(model=str(tiny_whisper), grammar="train", freeze_encoder=True, cache_encoder=True)
+    dm = SLUDataModule(str(corpus), batch_size=4, cache_dir=str(tmp_path / "cache"), limit_train=4, shuffle=False)
+    module.build(dm.train_logical_forms())
+    dm.attach(module)
+    cached_batch = next(iter(dm.train_dataloader()))
+    assert cached_batch["encoder_outputs"].shape[1] == 1500  # full length: the decoder attends to all
+    files = list((tmp_path / "cache").rglob("*.safetensors"))
+    assert len(files) == 4
+    # a second filling computes nothing
+    cache = module.encoder_cache(str(tmp_path / "cache"))
+    assert isinstance(cache, EncoderCache)
+    assert module.fill_cache(cache, [r["audio"] for r in dm.train_rows], 30.0) == 0
+
+    module2 = SLUModule(model=str(tiny_whisper), grammar="train", freeze_encoder=True)
+    module2.build(dm.train_logical_forms())
+    module2.whisper.load_state_dict(module.whisper.state_dict())
+    dm2 = SLUDataModule(str(corpus), batch_size=4, limit_train=4, shuffle=False)
+    dm2.attach(module2)
+    live_batch = next(iter(dm2.train_dataloader()))
+    assert [r["id"] for r in live_batch["refs"]] == [r["id"] for r in cached_batch["refs"]]
+    module.eval(), module2.eval()
+    with torch.no_grad():
+        a = module.compute_loss(cached_batch)
+        b = module2.compute_loss(live_batch)
+    assert torch.allclose(a, b, rtol=1e-2, atol=1e-3), (a, b)
