@@ -147,6 +147,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if todo:
             outcomes = run_batches(model, items, batch_size=args.batch_size, beam=args.beam,
                                    constrained=False if args.unconstrained else None,
+                                   max_new_tokens=getattr(args, "max_new_tokens", None),
                                    speculative=not args.no_speculative)
         try:
             for oc in outcomes:

@@ -1,0 +1,386 @@
+"""ConSLU model folders: Whisper + SLU tokenizer + grammar + settings, loss, collate and parse.
+
+A folder holds the Whisper model (safetensors), its generation config, the tokenizer with the
+ConSLU tokens, the feature extractor, ``grammar.json`` and ``conslu.json`` (target format,
+constraint use, label tokens, version). ``save_pretrained`` writes it atomically (a temporary
+sibling folder renamed into place). Target format and constraint use are settings, so every
+ablation (simplified/whislu x loss/decoding/both/none) is the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from conslu.constraints import Tables, build_tables
+from conslu.decoding import GrammarLogitsProcessor
+from conslu.grammar import Grammar
+from conslu.loss import IGNORE, LossStates, slu_loss, teacher_states
+from conslu.tokenizer import SLUTokenizer
+
+CONFIG_NAME = "conslu.json"
+GRAMMAR_NAME = "grammar.json"
+FORMAT_NAME = "conslu-model"
+FORMAT_VERSION = 1
+CONSTRAINTS = ("both", "loss", "decoding", "none")
+TARGET_FORMATS = ("simplified", "whislu")
+DEFAULT_MAX_NEW_TOKENS = 256
+SPECULATIVE_TOKENS = 10
+
+
+class ModelFolderError(ValueError):
+    """A folder that is not a usable ConSLU model (the message names the folder and the problem)."""
+
+
+def _check_settings(target_format: str, constraints: str) -> None:
+    if target_format not in TARGET_FORMATS:
+        raise ValueError(f"unknown target format {target_format!r}; expected one of {TARGET_FORMATS}")
+    if constraints not in CONSTRAINTS:
+        raise ValueError(f"unknown constraints setting {constraints!r}; expected one of {CONSTRAINTS}")
+    if target_format == "whislu" and constraints != "none":
+        raise ValueError("constraints apply to the simplified target only; use constraints='none' with target_format='whislu'")
+
+
+def _fill_generation_config(model: Any, tok: SLUTokenizer) -> None:
+    """Give a bare Whisper generation config the fields Whisper's generate() needs."""
+    gc = model.generation_config
+    t = tok.tokenizer
+    gc.decoder_start_token_id = tok.prefix_ids[0]
+    gc.eos_token_id = tok.eos_token_id
+    gc.pad_token_id = tok.pad_token_id
+    if getattr(gc, "bos_token_id", None) is None:
+        gc.bos_token_id = tok.eos_token_id
+    gc.no_timestamps_token_id = t.convert_tokens_to_ids("<|notimestamps|>")
+    if getattr(gc, "is_multilingual", None) is None:
+        gc.is_multilingual = tok.multilingual
+    if tok.multilingual:
+        if not getattr(gc, "lang_to_id", None):
+            gc.lang_to_id = {"<|en|>": t.convert_tokens_to_ids("<|en|>")}
+        if not getattr(gc, "task_to_id", None):
+            gc.task_to_id = {"transcribe": t.convert_tokens_to_ids("<|transcribe|>")}
+    if getattr(gc, "begin_suppress_tokens", None) is None:
+        gc.begin_suppress_tokens = [220, tok.eos_token_id]  # " " and <|endoftext|>
+    gc.forced_decoder_ids = None
+    gc.max_length = int(model.config.max_target_positions)
+
+
+def _init_new_embeddings(model: Any, tok: SLUTokenizer, old_size: int) -> None:
+    """New rows = mean embedding of the ordinary pieces of the token's text (e.g. " create alarm")."""
+    inp = model.get_input_embeddings().weight
+    out_layer = model.get_output_embeddings()
+    out = out_layer.weight if out_layer is not None else None
+    tied = out is None or out.data_ptr() == inp.data_ptr()
+    t = tok.tokenizer
+    with torch.no_grad():
+        for new_id in range(old_size, inp.shape[0]):
+            token = t.convert_ids_to_tokens(new_id)
+            pieces = tok.text_ids(tok.init_text(token)) if token else []
+            pieces = [p for p in pieces if p < old_size] or [tok.eos_token_id]
+            inp[new_id] = inp[pieces].mean(0)
+            if not tied:
+                out[new_id] = out[pieces].mean(0)
+
+
+def _load_tokenizer(path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if not hasattr(tok, "backend_tokenizer"):
+        raise ModelFolderError(f"{path}: the tokenizer has no fast (tokenizers) backend")
+    return tok
+
+
+class ConSLU:
+    """Whisper fine-tuned to emit ``transcript | logical form`` (or the WhiSLU JSON target)."""
+
+    def __init__(self, model: Any, feature_extractor: Any, tokenizer: SLUTokenizer, grammar: Grammar,
+                 target_format: str = "simplified", constraints: str = "both") -> None:
+        _check_settings(target_format, constraints)
+        self.model = model
+        self.feature_extractor = feature_extractor
+        self.tokenizer = tokenizer
+        self.grammar = grammar
+        self.target_format = target_format
+        self.constraints = constraints
+        self._tables: Tables | None = None
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def init(cls, base: str, grammar: Grammar | str | os.PathLike, target_format: str = "simplified",
+             constraints: str = "both") -> "ConSLU":
+        """An untrained ConSLU from a Whisper folder / short name and a grammar (object or JSON path)."""
+        from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+        from conslu.pretrained import resolve_model
+
+        _check_settings(target_format, constraints)
+        if not isinstance(grammar, Grammar):
+            grammar = Grammar.load(grammar)
+        where = resolve_model(str(base))
+        model = WhisperForConditionalGeneration.from_pretrained(where)
+        fe = WhisperFeatureExtractor.from_pretrained(where)
+        return cls.from_parts(model, fe, _load_tokenizer(where), grammar, target_format, constraints)
+
+    @classmethod
+    def from_parts(cls, model: Any, feature_extractor: Any, tokenizer: Any, grammar: Grammar,
+                   target_format: str = "simplified", constraints: str = "both") -> "ConSLU":
+        """Add the ConSLU tokens to a (Whisper model, feature extractor, tokenizer) and wrap them."""
+        _check_settings(target_format, constraints)
+        tok = SLUTokenizer(tokenizer, grammar, target_format)
+        old = model.get_input_embeddings().weight.shape[0]
+        if len(tok) < old:
+            raise ValueError(f"tokenizer has {len(tok)} tokens but the model {old} embeddings")
+        if len(tok) > old:
+            try:
+                model.resize_token_embeddings(len(tok), mean_resizing=False)
+            except TypeError:  # transformers without mean_resizing
+                model.resize_token_embeddings(len(tok))
+            _init_new_embeddings(model, tok, old)
+        _fill_generation_config(model, tok)
+        return cls(model, feature_extractor, tok, grammar, target_format, constraints)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, target_format: str | None = None,
+                        constraints: str | None = None, device: Any = None) -> "ConSLU":
+        """Load a ConSLU folder. ``target_format``: refuse a folder of another format;
+        ``constraints``: override the folder's constraint use (e.g. for an ablation run)."""
+        from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+        folder = Path(path)
+        if not folder.is_dir():
+            raise ModelFolderError(f"{folder}: no such ConSLU model folder")
+        cfg_path = folder / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise ModelFolderError(f"{folder}: not a ConSLU model folder (no {CONFIG_NAME}); make one with `conslu init`")
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ModelFolderError(f"{cfg_path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        if not isinstance(cfg, dict) or cfg.get("format") != FORMAT_NAME:
+            raise ModelFolderError(f"{cfg_path}: not a ConSLU model config (format {cfg.get('format') if isinstance(cfg, dict) else None!r})")
+        if int(cfg.get("version", 0)) > FORMAT_VERSION:
+            raise ModelFolderError(f"{cfg_path}: format version {cfg.get('version')} is newer than this conslu ({FORMAT_VERSION})")
+        fmt = cfg.get("target_format")
+        if fmt not in TARGET_FORMATS:
+            raise ModelFolderError(f"{cfg_path}: unknown target_format {fmt!r}")
+        if target_format is not None and target_format != fmt:
+            raise ModelFolderError(f"{folder}: a {fmt!r}-target model, but target format {target_format!r} was asked for")
+        grammar_path = folder / GRAMMAR_NAME
+        if not grammar_path.is_file():
+            raise ModelFolderError(f"{folder}: no {GRAMMAR_NAME} (a ConSLU folder needs the grammar its label tokens came from)")
+        grammar = Grammar.load(grammar_path)
+        labels = list(cfg.get("label_tokens") or [])
+        tokenizer = _load_tokenizer(folder)
+        if fmt == "simplified":
+            added = tokenizer.get_added_vocab()
+            missing_tok = [lab for lab in grammar.labels if lab not in added]
+            if missing_tok or labels != grammar.labels:
+                diff = sorted(set(grammar.labels) ^ set(labels)) or missing_tok
+                raise ModelFolderError(
+                    f"{grammar_path}: grammar does not match the tokenizer's label tokens "
+                    f"({len(grammar.labels)} grammar labels vs {len(labels)} label tokens; first differences: {diff[:5]})")
+        model = WhisperForConditionalGeneration.from_pretrained(str(folder))
+        fe = WhisperFeatureExtractor.from_pretrained(str(folder))
+        tok = SLUTokenizer(tokenizer, grammar, fmt)
+        if model.get_input_embeddings().weight.shape[0] != len(tok):
+            raise ModelFolderError(f"{folder}: model has {model.get_input_embeddings().weight.shape[0]} embeddings, tokenizer {len(tok)} tokens")
+        _fill_generation_config(model, tok)
+        obj = cls(model, fe, tok, grammar, fmt, constraints or cfg.get("constraints", "both"))
+        if device is not None:
+            obj.to(device)
+        return obj
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write the folder atomically: into a temporary sibling, then rename over ``path``."""
+        folder = Path(path)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        try:
+            self.model.save_pretrained(str(tmp))
+            self.tokenizer.tokenizer.save_pretrained(str(tmp))
+            self.feature_extractor.save_pretrained(str(tmp))
+            self.grammar.save(tmp / GRAMMAR_NAME)
+            cfg = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "target_format": self.target_format,
+                   "constraints": self.constraints, "label_tokens": list(self.tokenizer.label_tokens),
+                   "structure_tokens": {"open": self.tokenizer.open_id, "close": self.tokenizer.close_id,
+                                        "separator": self.tokenizer.sep_id},
+                   "prefix_ids": list(self.tokenizer.prefix_ids)}
+            (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+            os.chmod(tmp, 0o755)
+            old = None
+            if folder.exists():
+                old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+                os.replace(folder, old)
+            os.replace(tmp, folder)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return folder
+
+    def to(self, device: Any) -> "ConSLU":
+        self.model.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- constraint tables ------------------------------------------------------------------
+    @property
+    def tables(self) -> Tables | None:
+        """Constraint tables on the model's device (None for the WhiSLU format)."""
+        if self.target_format != "simplified":
+            return None
+        V = self.model.get_output_embeddings().weight.shape[0]
+        if self._tables is None or self._tables.vocab_size != V:
+            self._tables = build_tables(self.tokenizer, V)
+        if self._tables.device != self.device:
+            self._tables = self._tables.to(self.device)
+        return self._tables
+
+    @property
+    def loss_constrained(self) -> bool:
+        return self.target_format == "simplified" and self.constraints in ("both", "loss")
+
+    @property
+    def decode_constrained(self) -> bool:
+        return self.target_format == "simplified" and self.constraints in ("both", "decoding")
+
+    # -- training ---------------------------------------------------------------------------
+    def collate(self, examples: Sequence[tuple[str, str, dict] | tuple[str, str]], *,
+                with_states: bool | None = None) -> dict[str, Any]:
+        """(transcript, logical_form[, meta]) examples -> padded ``decoder_input_ids`` [B, T] and
+        ``labels`` [B, T] (prompt and padding -100), plus ``loss_states`` (teacher-forced constraint
+        states, CPU) when the loss is constrained - pass them to ``loss`` to keep the state machine
+        off the training step. decoder_input_ids = prompt + target[:-1]; labels = [-100] * (P-1) + target."""
+        prefix = self.tokenizer.prefix_ids
+        P = len(prefix)
+        targets = []
+        for ex in examples:
+            transcript, lf = ex[0], ex[1]
+            meta = dict(ex[2]) if len(ex) > 2 and ex[2] else {}
+            meta = {k: meta[k] for k in ("gender", "native", "domain") if k in meta}
+            targets.append(self.tokenizer.encode(transcript, lf, **meta))
+        T = P - 1 + max(len(t) for t in targets)
+        dec = torch.full((len(targets), T), self.tokenizer.pad_token_id, dtype=torch.long)
+        lab = torch.full((len(targets), T), IGNORE, dtype=torch.long)
+        for i, t in enumerate(targets):
+            seq = prefix + t
+            dec[i, : len(seq) - 1] = torch.tensor(seq[:-1])
+            lab[i, P - 1 : P - 1 + len(t)] = torch.tensor(t)
+        out: dict[str, Any] = {"decoder_input_ids": dec, "labels": lab}
+        if with_states if with_states is not None else self.loss_constrained:
+            out["loss_states"] = teacher_states(lab, self._cpu_tables())
+        return out
+
+    def _cpu_tables(self) -> Tables:
+        t = self.tables
+        if t is None:
+            raise ValueError("constraint states need the simplified target format")
+        if t.device.type != "cpu":
+            if getattr(self, "_cpu_tab", None) is None or self._cpu_tab.vocab_size != t.vocab_size:
+                self._cpu_tab = t.to("cpu")
+            return self._cpu_tab
+        return t
+
+    def decoder_inputs(self, labels: Tensor) -> Tensor:
+        """decoder_input_ids for labels laid out by ``collate``."""
+        prefix = torch.tensor(self.tokenizer.prefix_ids, device=labels.device)
+        P = prefix.shape[0]
+        body = labels[:, P - 1 : -1]
+        body = torch.where(body == IGNORE, self.tokenizer.pad_token_id, body)
+        return torch.cat([prefix.expand(labels.shape[0], P), body], 1)
+
+    def loss(self, input_features: Tensor | None, labels: Tensor, *, decoder_input_ids: Tensor | None = None,
+             loss_states: LossStates | None = None, encoder_outputs: Any = None) -> Tensor:
+        """Training loss (constrained per ``self.constraints``); give ``encoder_outputs`` instead of
+        ``input_features`` for a cached frozen encoder."""
+        if decoder_input_ids is None:
+            decoder_input_ids = self.decoder_inputs(labels)
+        out = self.model(input_features=input_features if encoder_outputs is None else None,
+                         encoder_outputs=encoder_outputs, decoder_input_ids=decoder_input_ids, use_cache=False)
+        return slu_loss(out.logits, labels, self.tables if self.loss_constrained else None,
+                        constrained=self.loss_constrained, states=loss_states)
+
+    # -- inference --------------------------------------------------------------------------
+    def features(self, audios: Sequence[np.ndarray]) -> Tensor:
+        feats = self.feature_extractor([np.asarray(a, dtype=np.float32) for a in audios],
+                                       sampling_rate=self.feature_extractor.sampling_rate, return_tensors="pt").input_features
+        return feats.to(self.device, dtype=next(self.model.parameters()).dtype)
+
+    def logits_processor(self, max_length: int | None) -> GrammarLogitsProcessor:
+        tables = self.tables
+        if tables is None:
+            raise ValueError("constrained decoding needs the simplified target format")
+        return GrammarLogitsProcessor(tables, len(self.tokenizer.prefix_ids), max_length)
+
+    def generate(self, input_features: Tensor, *, beam: int = 1, constrained: bool | None = None,
+                 max_new_tokens: int | None = None, speculative: bool = False) -> Tensor:
+        """Token ids (prompt included) for a batch of log-mel features."""
+        from transformers import LogitsProcessorList
+
+        constrained = self.decode_constrained if constrained is None else bool(constrained)
+        if constrained and self.target_format != "simplified":
+            raise ValueError("constrained decoding needs the simplified target format")
+        P = len(self.tokenizer.prefix_ids)
+        limit = int(self.model.config.max_target_positions) - P
+        max_new = min(max_new_tokens or DEFAULT_MAX_NEW_TOKENS, limit)
+        kwargs: dict[str, Any] = {"num_beams": beam, "do_sample": False, "max_length": P + max_new,
+                                  "return_timestamps": False}
+        if self.tokenizer.multilingual:
+            kwargs.update(language="en", task="transcribe")
+        if constrained:
+            kwargs["logits_processor"] = LogitsProcessorList([self.logits_processor(P + max_new)])
+        self.model.eval()
+        with torch.inference_mode():
+            if speculative and beam == 1:
+                rows = [self.model.generate(input_features[i : i + 1], prompt_lookup_num_tokens=SPECULATIVE_TOKENS, **kwargs)
+                        for i in range(input_features.shape[0])]
+                width = max(r.shape[1] for r in rows)
+                out = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long, device=rows[0].device)
+                for i, r in enumerate(rows):
+                    out[i, : r.shape[1]] = r[0]
+                return out
+            seqs = self.model.generate(input_features, **kwargs)
+        return seqs if isinstance(seqs, Tensor) else seqs.sequences
+
+    def parse(self, audios: Sequence[np.ndarray], *, beam: int = 1, constrained: bool | None = None,
+              max_new_tokens: int | None = None, speculative: bool = False) -> list[dict]:
+        """Transcribe and parse audio (16 kHz float arrays): dicts with transcript, logical_form
+        ("" when none), valid (a well-formed tree allowed by the grammar) and text (raw decoded)."""
+        if not len(audios):
+            return []
+        seqs = self.generate(self.features(audios), beam=beam, constrained=constrained,
+                             max_new_tokens=max_new_tokens, speculative=speculative)
+        return [self.result(row.tolist()) for row in seqs]
+
+    def result(self, ids: Sequence[int]) -> dict:
+        transcript, lf = self.tokenizer.decode(ids)
+        return {"transcript": transcript, "logical_form": lf or "", "valid": bool(lf) and self.grammar.is_valid(lf),
+                "text": self.tokenizer.text(ids)}
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """`conslu init`: write an untrained ConSLU folder."""
+    try:
+        slu = ConSLU.init(args.model, args.grammar, args.target_format, args.constraints)
+        out = slu.save_pretrained(args.out)
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"conslu init: error: {e}", file=sys.stderr)
+        return 2
+    n = slu.model.get_input_embeddings().weight.shape[0]
+    print(f"wrote {out} ({slu.target_format} target, constraints={slu.constraints}, "
+          f"{len(slu.tokenizer.label_tokens)} label tokens, vocabulary {n})")
+    return 0
