@@ -345,16 +345,26 @@ class ConSLU:
             kwargs["logits_processor"] = LogitsProcessorList([self.logits_processor(P + max_new)])
         self.model.eval()
         with torch.inference_mode():
-            if speculative and beam == 1:
-                rows = [self.model.generate(input_features[i : i + 1], prompt_lookup_num_tokens=SPECULATIVE_TOKENS, **kwargs)
-                        for i in range(input_features.shape[0])]
-                width = max(r.shape[1] for r in rows)
-                out = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long, device=rows[0].device)
-                for i, r in enumerate(rows):
-                    out[i, : r.shape[1]] = r[0]
-                return out
+            if speculative and beam == 1 and self.target_format == "simplified":
+                return self._speculative(input_features, max_new, constrained)
             seqs = self.model.generate(input_features, **kwargs)
         return seqs if isinstance(seqs, Tensor) else seqs.sequences
+
+    def _speculative(self, input_features: Tensor, max_new: int, constrained: bool) -> Tensor:
+        """Batched copy-speculative greedy decoding (token-identical to constrained greedy ``generate``)."""
+        from conslu.speculative import label_prior, speculative_generate
+
+        tables = self.tables.to(input_features.device)
+        if getattr(self, "_prior", None) is None:
+            self._prior = label_prior(self.tokenizer, tables)
+        rows, _ = speculative_generate(self.model, input_features, tables, self.tokenizer.prefix_ids,
+                                       max_new_tokens=max_new, draft_len=SPECULATIVE_TOKENS,
+                                       constrained=constrained, prior=self._prior)
+        width = max(len(r) for r in rows)
+        out = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return out
 
     def parse(self, audios: Sequence[np.ndarray], *, beam: int = 1, constrained: bool | None = None,
               max_new_tokens: int | None = None, speculative: bool = False) -> list[dict]:

@@ -1,0 +1,459 @@
+"""`conslu bench`: cost of the constraints and gain of copy-speculative decoding, side by side.
+
+One run, one model, the same inputs (espeak-ng speech of utterances from the embedded TOPv2 demo
+text, normalised as STOP is):
+
+* constrained_overhead_b1 / _b16: constrained greedy ``model.generate`` (GrammarLogitsProcessor)
+  time per generated token / unconstrained greedy ``model.generate`` time per token, batch 1 and
+  16; ``constrained_overhead`` = the larger one. Per token, because an unconstrained model may stop
+  at a different length.
+* loss_overhead: a training step (forward + backward) with the constrained loss (teacher-forced
+  states precomputed, as ``ConSLU.collate`` does in the data loader) / the same step with plain
+  cross-entropy; ``loss_overhead_with_states`` also counts the state computation.
+* parse_vs_transcribe: decoding ``transcript | logical form`` (constrained, speculative) / decoding
+  the transcript alone (the same loop, unconstrained, stopping at "|"), batch 1.
+* speculative_speedup: time of the logical-form part with the plain constrained loop / with the
+  copy-speculative loop, batch 1 (``speculative_speedup_total``: whole decode; ``_vs_generate``:
+  against ``model.generate`` + GrammarLogitsProcessor); decoder_passes_per_token: decoder calls per
+  logical-form token with speculation; speculative_identical: share of utterances whose speculative
+  output equals constrained ``model.generate`` (batch 1 and batch 16 both counted).
+
+Model: ``--model`` (a trained ConSLU folder such as ``runs/demo/model``, recommended). Without it,
+whisper tiny.en gets ConSLU tokens and a short decoder-only fine-tune on the benchmark utterances
+(encoder frozen, its outputs cached; about 20 s on 2 CPU cores), only so that it emits real
+``transcript | tree`` outputs: decoding cost depends on what is decoded, not on how good the
+model is, and an untrained model never emits "|" by itself (it would be forced to at the length
+limit, which measures nothing useful). Wall times: warm-up run, median of repeats,
+``torch.cuda.synchronize`` on GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+BENCH_MAX_NEW = 64
+DRAFT_LEN = 8
+KEYS = ("constrained_overhead", "constrained_overhead_b1", "constrained_overhead_b16", "loss_overhead",
+        "parse_vs_transcribe", "speculative_speedup", "decoder_passes_per_token", "speculative_identical")
+
+
+@dataclass
+class Utterance:
+    transcript: str
+    logical_form: str
+    audio: np.ndarray
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# -- inputs -------------------------------------------------------------------------------------
+def demo_examples(n: int) -> list[tuple[str, str]]:
+    """``n`` (normalised transcript, decoupled tree) pairs from the demo eval files, spread over
+    lengths (shortest to longest) so the plot has a range of utterance lengths."""
+    from conslu.normalize import normalize_example
+
+    pairs: list[tuple[str, str]] = []
+    demo = resources.files("conslu") / "assets" / "demo"
+    for name in sorted(p.name for p in demo.iterdir() if p.name.endswith("_eval.tsv")):
+        lines = (demo / name).read_text(encoding="utf-8").splitlines()
+        for lineno, line in enumerate(lines[1:], 2):
+            cols = line.split("\t")
+            if len(cols) < 3:
+                raise BenchError(f"{name}:{lineno}: expected 3 tab-separated columns, got {len(cols)}")
+            try:
+                ex = normalize_example(cols[1], cols[2])
+            except ValueError as e:
+                raise BenchError(f"{name}:{lineno}: {e}") from None
+            if ex.subsequence and ex.normalized_utterance:
+                pairs.append((ex.normalized_utterance, ex.decoupled_normalized_seqlogical))
+    if not pairs:
+        raise BenchError("no usable utterances in the embedded demo data")
+    pairs.sort(key=lambda p: (len(p[0].split()), p[0]))
+    if n >= len(pairs):
+        return pairs
+    idx = np.linspace(0, len(pairs) - 1, n).round().astype(int)
+    return [pairs[i] for i in dict.fromkeys(idx.tolist())]
+
+
+def speak(text: str, workdir: Path) -> np.ndarray:
+    """espeak-ng speech of ``text`` as 16 kHz float32."""
+    from conslu.audio import load_audio
+
+    wav = workdir / f"u{abs(hash(text)) % 10**10}.wav"
+    try:
+        subprocess.run(["espeak-ng", "-v", "en", "-s", "130", "-w", str(wav), text], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    except FileNotFoundError:
+        raise BenchError("espeak-ng is not installed (apt-get install espeak-ng)") from None
+    except subprocess.CalledProcessError as e:
+        raise BenchError(f"espeak-ng failed for {text!r}: {e.stderr.decode(errors='replace').strip()}") from None
+    return load_audio(wav)
+
+
+# -- model --------------------------------------------------------------------------------------
+def demo_grammar() -> Any:
+    """Grammar of the embedded demo training trees (self-contained: no repository files needed)."""
+    from conslu.grammar import Grammar
+    from conslu.normalize import normalize_example
+
+    trees = []
+    demo = resources.files("conslu") / "assets" / "demo"
+    for name in sorted(p.name for p in demo.iterdir() if p.name.endswith(".tsv")):
+        for line in (demo / name).read_text(encoding="utf-8").splitlines()[1:]:
+            cols = line.split("\t")
+            if len(cols) >= 3:
+                try:
+                    trees.append(normalize_example(cols[1], cols[2]).decoupled_normalized_seqlogical)
+                except ValueError:
+                    continue
+    return Grammar.extract(trees)
+
+
+def load_model(name: str | None, device: str) -> tuple[Any, bool]:
+    """(ConSLU, trained?) from ``--model``: a ConSLU folder, else a Whisper name/folder + demo grammar."""
+    from conslu.model import CONFIG_NAME, ConSLU
+
+    if name and (Path(name) / CONFIG_NAME).is_file():
+        slu = ConSLU.from_pretrained(name)
+        if slu.target_format != "simplified":
+            raise BenchError(f"{name}: a {slu.target_format!r}-target model; the benchmark needs the simplified target")
+        return slu.to(device), True
+    slu = ConSLU.init(name or "whisper-tiny.en", demo_grammar())
+    return slu.to(device), False
+
+
+def quick_finetune(slu: Any, feats: torch.Tensor, utts: Sequence[Utterance], steps: int, lr: float = 3e-4) -> float:
+    """Decoder-only fine-tune on the benchmark utterances (encoder outputs cached); returns final loss."""
+    model = slu.model
+    model.train()
+    with torch.no_grad():
+        enc = model.get_encoder()(feats)
+    batch = slu.collate([(u.transcript, u.logical_form) for u in utts])
+    dec = batch["decoder_input_ids"].to(feats.device)
+    lab = batch["labels"].to(feats.device)
+    states = batch.get("loss_states")
+    params = [p for n, p in model.named_parameters() if ".encoder." not in f".{n}"]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = slu.loss(None, lab, decoder_input_ids=dec, loss_states=states, encoder_outputs=(enc.last_hidden_state,))
+        loss.backward()
+        opt.step()
+    model.eval()
+    return float(loss.detach())
+
+
+# -- timing -------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> tuple[float, Any]:
+    """(median seconds over ``repeats``, last result) after ``warmup`` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    out = None
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def _strip(ids: Sequence[int], prefix: Sequence[int], eos: int, pad: int) -> list[int]:
+    """Generated tokens only (no prompt, nothing from the first <|endoftext|> on)."""
+    ids = [int(i) for i in ids]
+    if ids[: len(prefix)] == list(prefix):
+        ids = ids[len(prefix):]
+    return ids[: ids.index(eos)] if eos in ids else [i for i in ids if i != pad]
+
+
+def run_bench(slu: Any, utts: Sequence[Utterance], *, repeats: int, batch: int = 16, draft_len: int = DRAFT_LEN,
+              max_new: int = BENCH_MAX_NEW, loss_full_model: bool = True) -> dict:
+    """All figures for one model and one set of utterances (see the module docstring)."""
+    from conslu.speculative import label_prior, speculative_generate
+
+    tok = slu.tokenizer
+    tables = slu.tables
+    device = slu.device
+    prefix = tok.prefix_ids
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    prior = label_prior(tok, tables)
+    feats = slu.features([u.audio for u in utts])
+    model = slu.model
+    model.eval()
+
+    from transformers import LogitsProcessorList
+    from transformers.modeling_outputs import BaseModelOutput
+
+    with torch.inference_mode():
+        enc_all = model.get_encoder()(feats).last_hidden_state  # decoding is timed, not the encoder
+    P = len(prefix)
+    kw = {"num_beams": 1, "do_sample": False, "max_length": P + max_new, "return_timestamps": False}
+
+    def gen(f: torch.Tensor, constrained: bool) -> torch.Tensor:
+        """``ConSLU.generate`` on cached encoder outputs (same arguments)."""
+        extra = {"logits_processor": LogitsProcessorList([slu.logits_processor(P + max_new)])} if constrained else {}
+        with torch.inference_mode():
+            out = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=f), **kw, **extra)
+        return out if isinstance(out, torch.Tensor) else out.sequences
+
+    def loop(f: torch.Tensor, d: int, constrained: bool = True, sep: bool = False) -> tuple[list[list[int]], dict]:
+        return speculative_generate(model, f, tables, prefix, max_new_tokens=max_new, draft_len=d,
+                                    constrained=constrained, prior=prior, stop_at_separator=sep,
+                                    encoder_outputs=(f,))
+
+    per_utt: list[dict] = []
+    t_gen_u = t_gen_c = 0.0
+    n_gen_u = n_gen_c = 0
+    sums = {"plain": 0.0, "spec": 0.0, "plain_lf": 0.0, "spec_lf": 0.0, "transcribe": 0.0, "lf_passes": 0,
+            "lf_tokens": 0, "passes": 0, "tokens": 0}
+    identical = 0
+    n_checked = 0
+    outputs = []
+    for i, u in enumerate(utts):
+        f = enc_all[i : i + 1]
+        tu, out_u = timed(lambda: gen(f, False), device, repeats)
+        tc, out_c = timed(lambda: gen(f, True), device, repeats)
+        tp, (sp, st_p) = timed(lambda: loop(f, 0), device, repeats)
+        ts, (ss, st_s) = timed(lambda: loop(f, draft_len), device, repeats)
+        tt, _ = timed(lambda: loop(f, 0, constrained=False, sep=True), device, repeats)
+        ref = _strip(out_c[0].tolist(), prefix, eos, pad)
+        same = _strip(ss[0], prefix, eos, pad) == ref and _strip(sp[0], prefix, eos, pad) == ref
+        identical += int(same)
+        n_checked += 1
+        nu = len(_strip(out_u[0].tolist(), prefix, eos, pad)) + 1
+        nc = len(ref) + 1
+        t_gen_u += tu
+        t_gen_c += tc
+        n_gen_u += nu
+        n_gen_c += nc
+        sums["plain"] += tp
+        sums["spec"] += ts
+        sums["plain_lf"] += st_p["lf_seconds"]
+        sums["spec_lf"] += st_s["lf_seconds"]
+        sums["transcribe"] += tt
+        for key in ("lf_passes", "lf_tokens"):
+            sums[key] += st_s[key]
+        sums["passes"] += st_s["decoder_passes"]
+        sums["tokens"] += st_s["tokens"]
+        outputs.append(tok.text(ss[0]))
+        per_utt.append({"transcript": u.transcript, "words": len(u.transcript.split()), "tokens": nc,
+                        "unconstrained_s": tu, "constrained_s": tc, "constrained_loop_s": tp,
+                        "speculative_s": ts, "transcribe_s": tt, "output": tok.text(ss[0]),
+                        "identical": same})
+    # batch 16: the utterances repeated
+    reps = (batch + len(utts) - 1) // len(utts)
+    fb = enc_all.repeat(reps, 1, 1)[:batch]
+    tbu, out_bu = timed(lambda: gen(fb, False), device, max(1, repeats // 2))
+    tbc, out_bc = timed(lambda: gen(fb, True), device, max(1, repeats // 2))
+    tbs, (sbs, st_bs) = timed(lambda: loop(fb, draft_len), device, max(1, repeats // 2))
+    tbp, _ = timed(lambda: loop(fb, 0), device, max(1, repeats // 2))
+    nbu = sum(len(_strip(r.tolist(), prefix, eos, pad)) + 1 for r in out_bu)
+    refs_b = [_strip(r.tolist(), prefix, eos, pad) for r in out_bc]
+    nbc = sum(len(r) + 1 for r in refs_b)
+    same_b = [_strip(s, prefix, eos, pad) == r for s, r in zip(sbs, refs_b)]
+    identical += sum(same_b)
+    n_checked += len(same_b)
+
+    loss = loss_bench(slu, utts, feats, repeats=repeats, full_model=loss_full_model)
+    b1 = (t_gen_c / n_gen_c) / (t_gen_u / n_gen_u)
+    b16 = (tbc / nbc) / (tbu / nbu)
+    res = {
+        "constrained_overhead": max(b1, b16),
+        "constrained_overhead_b1": b1,
+        "constrained_overhead_b16": b16,
+        "constrained_overhead_loop_b1": sums["plain"] / t_gen_u * n_gen_u / n_gen_c,
+        "loss_overhead": loss["loss_overhead"],
+        "loss_overhead_with_states": loss["loss_overhead_with_states"],
+        "parse_vs_transcribe": sums["spec"] / sums["transcribe"],
+        "parse_vs_transcribe_plain": sums["plain"] / sums["transcribe"],
+        "speculative_speedup": sums["plain_lf"] / sums["spec_lf"] if sums["spec_lf"] else float("nan"),
+        "speculative_speedup_total": sums["plain"] / sums["spec"],
+        "speculative_speedup_vs_generate": t_gen_c / sums["spec"],
+        "speculative_speedup_b16": tbp / tbs,
+        "decoder_passes_per_token": sums["lf_passes"] / max(sums["lf_tokens"], 1),
+        "decoder_passes_per_token_total": sums["passes"] / max(sums["tokens"], 1),
+        "speculative_identical": identical / n_checked,
+        "utterances": len(utts),
+        "batch": batch,
+        "draft_len": draft_len,
+        "repeats": repeats,
+        "seconds": {"generate_unconstrained_b1": t_gen_u, "generate_constrained_b1": t_gen_c,
+                    "loop_constrained_b1": sums["plain"], "loop_speculative_b1": sums["spec"],
+                    "loop_transcribe_b1": sums["transcribe"], "lf_constrained_b1": sums["plain_lf"],
+                    "lf_speculative_b1": sums["spec_lf"], "generate_unconstrained_b16": tbu,
+                    "generate_constrained_b16": tbc, "loop_constrained_b16": tbp, "loop_speculative_b16": tbs,
+                    **{k: v for k, v in loss.items() if k.endswith("_s")}},
+        "per_utterance": per_utt,
+    }
+    return res
+
+
+def loss_bench(slu: Any, utts: Sequence[Utterance], feats: torch.Tensor, *, repeats: int, full_model: bool) -> dict:
+    """Training step (forward + backward) with the constrained loss vs plain cross-entropy."""
+    from conslu.loss import slu_loss, teacher_states
+
+    model = slu.model
+    device = slu.device
+    batch = slu.collate([(u.transcript, u.logical_form) for u in utts], with_states=True)
+    dec = batch["decoder_input_ids"].to(device)
+    lab = batch["labels"].to(device)
+    states = batch["loss_states"]
+    tables = slu.tables
+    cpu_tables = slu._cpu_tables()
+    enc = None
+    if not full_model:
+        with torch.no_grad():
+            enc = (model.get_encoder()(feats).last_hidden_state,)
+    model.train()
+
+    def step(kind: str) -> None:
+        model.zero_grad(set_to_none=True)
+        out = model(input_features=None if enc is not None else feats, encoder_outputs=enc,
+                    decoder_input_ids=dec, use_cache=False)
+        if kind == "ce":
+            loss = slu_loss(out.logits, lab, None, constrained=False)
+        elif kind == "states":
+            loss = slu_loss(out.logits, lab, tables, constrained=True, states=teacher_states(lab.cpu(), cpu_tables))
+        else:
+            loss = slu_loss(out.logits, lab, tables, constrained=True, states=states)
+        loss.backward()
+
+    # interleave the kinds so drifting CPU clocks hit all alike
+    t = {"ce": [], "constrained": [], "states": []}
+    for kind in t:
+        step(kind)
+    for _ in range(max(repeats, 3)):
+        for kind in t:
+            _sync(device)
+            t0 = time.perf_counter()
+            step(kind)
+            _sync(device)
+            t[kind].append(time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    med = {k: statistics.median(v) for k, v in t.items()}
+    return {"loss_overhead": med["constrained"] / med["ce"], "loss_overhead_with_states": med["states"] / med["ce"],
+            "train_step_ce_s": med["ce"], "train_step_constrained_s": med["constrained"],
+            "train_step_constrained_with_states_s": med["states"],
+            "loss_step_scope": "full model" if full_model else "decoder (encoder frozen)"}
+
+
+# -- output -------------------------------------------------------------------------------------
+def plot(res: dict, path: Path) -> None:
+    """Decode time (batch 1) against utterance length for the three decoders; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(res["per_utterance"], key=lambda r: r["tokens"])
+    x = [r["tokens"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
+    ax.plot(x, [r["unconstrained_s"] * 1e3 for r in rows], "o-", label="unconstrained (generate)")
+    ax.plot(x, [r["constrained_s"] * 1e3 for r in rows], "s-", label="constrained (generate)")
+    ax.plot(x, [r["speculative_s"] * 1e3 for r in rows], "^-", label="constrained + speculative")
+    ax.set_xlabel("output length (tokens: transcript | logical form)")
+    ax.set_ylabel("decode time, batch 1 (ms)")
+    ax.set_title(f"{res.get('model', '')} on {res.get('device', '')}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+
+
+def table(res: dict) -> str:
+    targets = {"constrained_overhead": "<= 1.10", "loss_overhead": "<= 1.05", "parse_vs_transcribe": "<= 1.30",
+               "speculative_speedup": ">= 1.50", "speculative_identical": "= 1.00"}
+    lines = [f"model: {res['model']} ({'trained' if res['trained'] else 'tiny decoder fine-tune on the inputs'}), "
+             f"device: {res['device']}, {res['utterances']} utterances, batch {res['batch']}, "
+             f"draft {res['draft_len']}, median of {res['repeats']}",
+             f"{'figure':34s} {'value':>8s}  target"]
+    for k in ("constrained_overhead_b1", "constrained_overhead_b16", "constrained_overhead", "constrained_overhead_loop_b1",
+              "loss_overhead", "loss_overhead_with_states", "parse_vs_transcribe", "parse_vs_transcribe_plain",
+              "speculative_speedup", "speculative_speedup_total", "speculative_speedup_vs_generate",
+              "speculative_speedup_b16", "decoder_passes_per_token", "decoder_passes_per_token_total",
+              "speculative_identical"):
+        v = res[k]
+        t = targets.get(k, "")
+        ok = ""
+        if t:
+            lim = float(t.split()[-1])
+            good = v <= lim if t.startswith("<=") else (v >= lim if t.startswith(">=") else abs(v - lim) < 1e-9)
+            ok = "  ok" if good else "  MISSED"
+        lines.append(f"{k:34s} {v:8.3f}  {t}{ok}")
+    lines.append("seconds: " + ", ".join(f"{k}={v:.3f}" for k, v in res["seconds"].items() if isinstance(v, float)))
+    return "\n".join(lines)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """`conslu bench`: human table, or one JSON object with ``--json``."""
+    quick = bool(getattr(args, "quick", False))
+    device = getattr(args, "device", "cpu") or "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("conslu bench: error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    n_utts, repeats, ft_steps = (2, 1, 40) if quick else (8, 3, 60)
+    t_start = time.perf_counter()
+    try:
+        torch.manual_seed(0)
+        with tempfile.TemporaryDirectory(prefix="conslu-bench-") as tmp:
+            utts = [Utterance(t, lf, speak(t, Path(tmp))) for t, lf in demo_examples(n_utts)]
+        slu, trained = load_model(args.model, device)
+        final_loss = None
+        if not trained:
+            final_loss = quick_finetune(slu, slu.features([u.audio for u in utts]), utts, ft_steps)
+        res = run_bench(slu, utts, repeats=repeats, batch=4 if quick else 16, loss_full_model=not quick)
+    except (BenchError, ValueError, OSError) as e:
+        print(f"conslu bench: error: {e}", file=sys.stderr)
+        return 2
+    res.update({"model": args.model or "whisper-tiny.en", "trained": trained, "finetune_loss": final_loss,
+                "device": f"{device} ({torch.get_num_threads()} threads)", "quick": quick,
+                "torch": torch.__version__, "wall_seconds": time.perf_counter() - t_start})
+    if args.plot:
+        try:
+            plot(res, Path(args.plot))
+        except (OSError, ValueError) as e:
+            print(f"conslu bench: error: cannot write plot {args.plot}: {e}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(json.dumps(res, indent=None if quick else 2))
+    else:
+        print(table(res))
+        bad = [u for u in res["per_utterance"] if not u["identical"]]
+        for u in bad:
+            print(f"NOT IDENTICAL: {u['transcript']!r}")
+    return 0

@@ -1,0 +1,267 @@
+"""Copy-speculative greedy decoding: draft the predictable logical-form tokens, verify them in one pass.
+
+After "|" most of a ConSLU output is predictable from what is already decoded: "[" after "|",
+the grammar's most frequent label under the open parent after "[", the transcript tokens after
+the copy pointer inside a slot, "]" once the transcript is used up, <|endoftext|> when the tree
+closes. ``speculative_generate`` runs its own batched greedy loop over a
+``WhisperForConditionalGeneration`` (encoder once, decoder with the KV cache): at every step it
+drafts up to ``draft_len`` tokens per row by running the constraint state machine forward on the
+draft (``constraints.advance``), feeds [last token, draft] in ONE decoder call, applies the
+candidate mask of the state after each drafted prefix (one vectorised ``candidate_mask`` over
+B x K states) and keeps, per row, the drafted tokens that equal the argmax of the masked logits
+plus the model's own next token. Lossless: every kept token is the argmax of exactly the logits
+plain constrained greedy would see (up to floating-point noise of a multi-token pass, as in any
+speculative decoder), so the output is the same as ``model.generate`` with
+``GrammarLogitsProcessor`` and the same Whisper suppress lists.
+
+Batching: rows accept different numbers of tokens. Each row keeps its own logical positions
+(``decoder_position_ids``); rejected draft slots stay in the shared KV cache but are masked out
+by a 2-D ``decoder_attention_mask`` ("holes"), and the trailing slots no row needs are cropped
+(``Cache.crop``, as transformers' assisted decoding does), so with batch 1 there are never holes.
+The price of holes is a few wasted cache slots per step, not lost acceptance (accepting the
+minimum over rows would throw away most of the gain once rows drift apart).
+
+``draft_len=0`` gives the same loop without drafts (the fair non-speculative baseline).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from torch import Tensor
+
+from conslu.constraints import BODY, DONE, LABEL, OPEN, TRANSCRIPT, State, Tables, advance, candidate_mask, init_state
+
+if TYPE_CHECKING:  # pragma: no cover
+    from conslu.tokenizer import SLUTokenizer
+
+
+def label_prior(tokenizer: "SLUTokenizer", tables: Tables) -> Tensor:
+    """[n_parents] long: the most frequent child label token under each parent (-1: none).
+
+    From the grammar's training counts; without counts, the first allowed label. Used as the draft
+    after "[" (a wrong guess only costs one rejected draft position).
+    """
+    grammar = tokenizer.grammar
+    counts: dict[str, dict[str, int]] = getattr(grammar, "counts", None) or {}
+    parents = ["ROOT"] + list(tables.labels)
+    out = torch.full((len(parents),), -1, dtype=torch.long)
+    allowed = tables.grammar_mask.cpu()
+    for p, name in enumerate(parents):
+        ok = [(n, c) for c, n in (counts.get(name) or {}).items() if c in tokenizer.label_ids
+              and bool(allowed[p, tokenizer.label_ids[c]])]
+        if ok:
+            out[p] = tokenizer.label_ids[max(ok)[1]]
+        elif bool(allowed[p].any()):
+            out[p] = int(allowed[p].to(torch.uint8).argmax())
+    return out.to(tables.device)
+
+
+def _draft_step(state: State, seq: Tensor, tables: Tables, prior: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One drafted token per row from its state: (token [N], usable [N] bool)."""
+    phase, top, ptr, tlen = state.phase, state.top, state.ptr, state.tlen
+    L = seq.shape[1]
+    nxt_pos = ptr + 1
+    has_next = nxt_pos < tlen
+    nxt = seq.gather(1, nxt_pos.clamp(0, max(L - 1, 0))[:, None]).squeeze(1) if L else torch.zeros_like(ptr)
+    slot = tables.is_slot[top]
+    in_body = phase == BODY
+    tok = torch.full_like(phase, tables.pad_id)
+    ok = torch.zeros_like(phase, dtype=torch.bool)
+    tok = torch.where(phase == OPEN, tables.open_id, tok)
+    ok |= phase == OPEN
+    if prior is not None:
+        lab = prior[top]
+        tok = torch.where((phase == LABEL) & (lab >= 0), lab, tok)
+        ok |= (phase == LABEL) & (lab >= 0)
+    # inside a slot: continue copying the transcript, close it when the transcript is used up
+    tok = torch.where(in_body & slot, torch.where(has_next, nxt, tables.close_id), tok)
+    # inside an intent (decoupled trees have no words there): another slot if words remain, else close
+    tok = torch.where(in_body & ~slot, torch.where(has_next, tables.open_id, tables.close_id), tok)
+    ok |= in_body
+    tok = torch.where(phase == DONE, tables.eos_id, tok)
+    ok |= phase == DONE
+    return tok, ok
+
+
+def _stack_states(states: list[State]) -> State:
+    """K states of N rows -> one State of N*K rows, row-major (row b, step j at b*K + j)."""
+    out = {}
+    for f in fields(State):
+        vals = [getattr(s, f.name) for s in states]
+        out[f.name] = None if vals[0] is None else torch.stack(vals, 1).flatten(0, 1)
+    return State(**out)
+
+
+def _suppress_lists(model: Any) -> tuple[list[int], list[int]]:
+    gc = getattr(model, "generation_config", None)
+    sup = list(getattr(gc, "suppress_tokens", None) or [])
+    begin = list(getattr(gc, "begin_suppress_tokens", None) or [])
+    return sup, begin
+
+
+@torch.inference_mode()
+def speculative_generate(model: Any, input_features: Tensor, tables: Tables, prefix_ids: Sequence[int], *,
+                         max_new_tokens: int, draft_len: int = 8, constrained: bool = True,
+                         prior: Tensor | None = None, suppress: bool = True,
+                         encoder_outputs: Any = None, stop_at_separator: bool = False) -> tuple[list[list[int]], dict]:
+    """Greedy decoding with copy-speculative drafts (``draft_len=0``: plain greedy in the same loop).
+
+    Returns (sequences, stats): each sequence is ``prefix_ids`` + the generated tokens, ending with
+    <|endoftext|> when the row finished within ``max_new_tokens``; stats: ``decoder_passes``
+    (decoder calls), ``tokens`` (generated tokens, all rows), ``drafted`` and ``accepted`` (draft
+    tokens proposed / kept), ``lf_passes`` and ``lf_tokens`` (the same after "|").
+    ``constrained``: apply the ConSLU candidate sets (as ``GrammarLogitsProcessor`` with
+    ``max_length = len(prefix_ids) + max_new_tokens``); ``suppress``: apply the model's Whisper
+    ``suppress_tokens`` / ``begin_suppress_tokens`` (as ``model.generate`` does); ``prior``: the
+    label drafts (``label_prior``), none drafted when None; ``stop_at_separator``: a row also
+    finishes at "|" (transcript-only decoding, for timing). ``stats["lf_seconds"]``: wall time from
+    the first pass in which a row is past "|" to the end (the logical-form part, exact for batch 1).
+    """
+    device = input_features.device if encoder_outputs is None else next(model.parameters()).device
+    tables = tables.to(device) if tables.device != device else tables
+    if prior is not None:
+        prior = prior.to(device)
+    B = int(input_features.shape[0]) if encoder_outputs is None else int(encoder_outputs[0].shape[0])
+    P = len(prefix_ids)
+    max_len = P + int(max_new_tokens)
+    limit = int(getattr(model.config, "max_target_positions", max_len))
+    if max_len > limit:
+        raise ValueError(f"prefix ({P}) + max_new_tokens ({max_new_tokens}) exceeds the decoder's {limit} positions")
+    k = max(int(draft_len), 0)
+    V = tables.vocab_size
+    eos, pad = tables.eos_id, tables.pad_id
+    if encoder_outputs is None:
+        encoder_outputs = model.get_encoder()(input_features)
+    sup, begin = _suppress_lists(model) if suppress else ([], [])
+    sup_t = torch.tensor([t for t in sup if 0 <= t < V], dtype=torch.long, device=device)
+    begin_t = torch.tensor([t for t in begin if 0 <= t < V], dtype=torch.long, device=device)
+
+    ids = torch.full((B, max_len + k + 1), pad, dtype=torch.long, device=device)
+    ids[:, :P] = torch.tensor(list(prefix_ids), dtype=torch.long, device=device)
+    n = torch.full((B,), P, dtype=torch.long, device=device)  # committed tokens per row
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    state = init_state(B, tables, device)  # state after ids[:, P:n]
+    keep = torch.ones(B, 0, dtype=torch.bool, device=device)  # valid KV-cache slots
+    cache = None
+    stats = {"decoder_passes": 0, "tokens": 0, "drafted": 0, "accepted": 0, "lf_passes": 0, "lf_tokens": 0}
+    ar = torch.arange(B, device=device)
+    first = True
+    lf_start: float | None = None
+    while True:
+        seq = ids[:, P:]
+        states = [state]
+        drafts: list[Tensor] = []
+        dvalid: list[Tensor] = []
+        if not first and k:
+            room = (max_len - n - 1).clamp(min=0)
+            live = ~done & (state.phase != TRANSCRIPT)
+            if bool(live.any()):
+                s = state
+                for j in range(1, k + 1):
+                    tok, ok = _draft_step(s, seq, tables, prior)
+                    ok = ok & live & (j <= room)
+                    if dvalid:
+                        ok = ok & dvalid[-1]
+                    if not bool(ok.any()):
+                        break
+                    s = advance(s, tok, seq, tables)
+                    drafts.append(torch.where(ok, tok, pad))
+                    dvalid.append(ok)
+                    states.append(s)
+        K = 1 + len(drafts)
+        if lf_start is None and not first and bool((state.phase != TRANSCRIPT).any()):
+            lf_start = time.perf_counter()
+        if first:
+            q = ids[:, :P]
+            pos = torch.arange(P, device=device).expand(B, P)
+            qvalid = torch.ones(B, P, dtype=torch.bool, device=device)
+        else:
+            pending = ids.gather(1, (n - 1)[:, None])
+            q = torch.cat([pending] + [d[:, None] for d in drafts], 1)
+            pos = (n - 1)[:, None] + torch.arange(K, device=device)[None]
+            qvalid = torch.cat([~done[:, None]] + [v[:, None] for v in dvalid], 1)
+            q = torch.where(qvalid, q, pad)
+            pos = pos.clamp(max=limit - 1)
+        new_keep = torch.cat([keep, qvalid], 1)
+        mask = None if bool(new_keep.all()) else new_keep.long()
+        out = model(encoder_outputs=encoder_outputs, decoder_input_ids=q, decoder_position_ids=pos,
+                    decoder_attention_mask=mask, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        stats["decoder_passes"] += 1
+        if bool((state.phase != TRANSCRIPT).any()):
+            stats["lf_passes"] += 1
+        logits = out.logits[:, -1:] if first else out.logits  # [B, K, V]
+        scores = logits[..., :V].float()
+        if scores.shape[-1] < V:
+            raise ValueError(f"model has {scores.shape[-1]} logits; the constraint tables were built for {V}")
+        if constrained:
+            st = _stack_states(states) if K > 1 else states[0]
+            remaining = (max_len - (n[:, None] + torch.arange(K, device=device)[None])).reshape(-1)
+            cm = candidate_mask(st, seq.repeat_interleave(K, 0) if K > 1 else seq, tables, decoding=True,
+                                remaining=remaining)
+            scores = scores.masked_fill(~cm.view(B, K, V), float("-inf"))
+        if sup_t.numel():
+            scores[..., sup_t] = float("-inf")
+        if begin_t.numel():
+            at_begin = (n[:, None] + torch.arange(K, device=device)[None]) == P
+            if bool(at_begin.any()):
+                scores[..., begin_t] = scores[..., begin_t].masked_fill(at_begin[..., None], float("-inf"))
+        g = scores.argmax(-1)  # [B, K]
+        if K > 1:
+            d = torch.stack(drafts, 1)
+            match = (d == g[:, :-1]) & torch.stack(dvalid, 1)
+            m = match.long().cumprod(1).sum(1)
+            stats["drafted"] += int(torch.stack(dvalid, 1).sum())
+        else:
+            m = torch.zeros(B, dtype=torch.long, device=device)
+        # new tokens are g[:, :m+1]; stop after the first <|endoftext|>
+        j = torch.arange(K, device=device)[None]
+        take = (j <= m[:, None]) & ~done[:, None]
+        is_eos = ((g == eos) | ((g == tables.sep_id) if stop_at_separator else False)) & take
+        eos_at = torch.where(is_eos.any(1), is_eos.to(torch.uint8).argmax(1), K)
+        take &= j <= eos_at[:, None]
+        take &= (n[:, None] + j) < max_len
+        cnt = take.sum(1)
+        stats["accepted"] += int((cnt - 1).clamp(min=0).sum())
+        stats["tokens"] += int(cnt.sum())
+        stats["lf_tokens"] += int(torch.where(state.phase != TRANSCRIPT, cnt, 0).sum())
+        cols = torch.where(take, n[:, None] + j, ids.shape[1] - 1)
+        ids.scatter_(1, cols, torch.where(take, g, pad))
+        ids[:, -1] = pad
+        # state after the new tokens: state after the accepted drafts, then the model's own token
+        last = (cnt - 1).clamp(min=0)
+        if K > 1:
+            sm = _stack_states(states).index(ar * K + last)
+        else:
+            sm = state
+        gl = g.gather(1, last[:, None]).squeeze(1)
+        moved = advance(sm, gl, ids[:, P:], tables)
+        state = moved.where(cnt > 0, state)
+        n = n + cnt
+        stop = g == eos
+        if stop_at_separator:
+            stop |= g == tables.sep_id
+        done = done | (take & stop).any(1) | (n >= max_len)
+        # KV cache: slots of the pending token and accepted drafts stay; the rest become holes,
+        # and trailing slots that no row needs are cropped.
+        if first:
+            keep = new_keep
+        else:
+            used = (j < cnt[:, None]) & qvalid
+            keep = torch.cat([keep, used], 1)
+            tail = int((~keep).flip(1).to(torch.uint8).cumprod(1).sum(1).min())
+            if tail:
+                cache.crop(-tail)
+                keep = keep[:, : keep.shape[1] - tail]
+        first = False
+        if bool(done.all()):
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    stats["lf_seconds"] = 0.0 if lf_start is None else time.perf_counter() - lf_start
+    seqs = [ids[b, : int(n[b])].tolist() for b in range(B)]
+    return seqs, stats
