@@ -32,7 +32,7 @@ class GrammarLogitsProcessor(LogitsProcessor):
         self.prompt_len = int(prompt_len)
         self.max_length = max_length
         self.history = history
-        self._snaps: dict[int, tuple[Tensor, Tensor, State]] = {}
+        self._snaps: dict[int, tuple[Tensor, Tensor | None, State]] = {}
         self._weights: Tensor | None = None
 
     def reset(self) -> None:
@@ -60,11 +60,20 @@ class GrammarLogitsProcessor(LogitsProcessor):
             raise ValueError(f"input_ids have {cur} tokens, fewer than the {P}-token decoder prompt")
         if cur == P:
             self._snaps.clear()  # a new generation
+        prev = self._snaps.get(cur - 1)
+        if prev is not None and prev[0].shape[0] == R and torch.equal(prev[0], input_ids[:, : cur - 1]):
+            # the usual greedy/sampling step: same rows in the same order, one token longer
+            state = advance(prev[2], input_ids[:, cur - 1], input_ids[:, P:], tables)
+            self._remember(input_ids, state)
+            return state
         state = init_state(R, tables, input_ids.device)
         start = torch.full((R,), P, dtype=torch.long, device=input_ids.device)
         todo = torch.ones(R, dtype=torch.bool, device=input_ids.device)
         for length in sorted((k for k in self._snaps if P < k <= cur), reverse=True):
             ids, hashes, snap = self._snaps[length]
+            if hashes is None:
+                hashes = self._hash(ids)
+                self._snaps[length] = (ids, hashes, snap)
             eq = self._hash(input_ids[:, :length])[:, None] == hashes[None]
             parent = eq.to(torch.uint8).argmax(1)
             ok = todo & eq.any(1) & (input_ids[:, :length] == ids.index_select(0, parent)).all(1)
@@ -78,10 +87,15 @@ class GrammarLogitsProcessor(LogitsProcessor):
         for t in range(first, cur):
             moved = advance(state, input_ids[:, t], seq, tables)
             state = moved.where(start <= t, state)
+        self._remember(input_ids, state)
+        return state
+
+    def _remember(self, input_ids: Tensor, state: State) -> None:
+        """Keep a snapshot of this length (its hashes are computed only when a lookup needs them)."""
+        cur = input_ids.shape[1]
         for k in [k for k in self._snaps if k > cur or k < cur - self.history]:
             del self._snaps[k]
-        self._snaps[cur] = (input_ids.clone(), self._hash(input_ids), state)
-        return state
+        self._snaps[cur] = (input_ids.clone(), None, state)
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         if scores.shape[-1] != self.tables.vocab_size:
