@@ -57,6 +57,7 @@ class _Collector:
         self.limit = limit
         self.skip_bad = skip_bad
         self.skipped = skipped if skipped is not None else []
+        self.caller_reports = skipped is not None  # the caller prints the list itself
 
     def full(self, split: str) -> bool:
         return self.limit is not None and self.per_split.get(split, 0) >= self.limit
@@ -79,7 +80,7 @@ class _Collector:
     def dataset(self) -> "Any":
         import datasets
 
-        if self.skipped:
+        if self.skipped and not self.caller_reports:
             log.warning("skipped %d bad row(s); first: %s", len(self.skipped), self.skipped[0])
         features = datasets.Features({c: datasets.Value("string") for c in COLUMNS})
         return datasets.Dataset.from_dict(self.columns, features=features)

@@ -75,7 +75,17 @@ def _read_split(args: argparse.Namespace) -> list[dict]:
             kwargs["check_audio"] = False
     except (TypeError, ValueError):  # pragma: no cover
         pass
+    skipped: list[str] = []
+    try:
+        if "skipped" in inspect.signature(read_stop).parameters:
+            kwargs["skipped"] = skipped
+    except (TypeError, ValueError):  # pragma: no cover
+        pass
     ds = read_stop(args.data, args.split, **kwargs)
+    for msg in skipped:  # --skip-bad: say what was left out (not scored)
+        print(f"conslu: skipped {msg}", file=sys.stderr)
+    if skipped:
+        print(f"conslu: {len(skipped)} bad manifest row(s) skipped (not scored)", file=sys.stderr)
     rows = [dict(r) for r in ds]
     for r in rows:
         r["audio"] = resolve_audio(r.get("audio"))

@@ -181,6 +181,15 @@ class ConSLU:
         grammar = Grammar.load(grammar_path)
         labels = list(cfg.get("label_tokens") or [])
         tokenizer = _load_tokenizer(folder)
+        structure = [t for t in ("<[>", "<]>", "<|>") if t in tokenizer.get_added_vocab()]
+        if fmt == "whislu" and (labels or structure):
+            raise ModelFolderError(
+                f"{cfg_path}: says target_format 'whislu', but the tokenizer carries the simplified target's "
+                f"label/structure tokens ({len(labels)} labels, {structure}): a checkpoint of another target format")
+        if fmt == "simplified" and not structure:
+            raise ModelFolderError(
+                f"{cfg_path}: says target_format 'simplified', but the tokenizer has no <[> <]> <|> tokens: "
+                f"a checkpoint of another target format (whislu?)")
         if fmt == "simplified":
             added = tokenizer.get_added_vocab()
             missing_tok = [lab for lab in grammar.labels if lab not in added]
@@ -221,7 +230,12 @@ class ConSLU:
             if folder.exists():
                 old = folder.parent / f".{folder.name}.old-{os.getpid()}"
                 os.replace(folder, old)
-            os.replace(tmp, folder)
+            try:
+                os.replace(tmp, folder)
+            except BaseException:
+                if old is not None:  # put the previous folder back
+                    os.replace(old, folder)
+                raise
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         except BaseException:

@@ -32,10 +32,12 @@ Several GPUs / nodes: Lightning's own DDP (``--trainer.strategy ddp --trainer.de
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -49,6 +51,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from conslu.data import DataError
 
 __all__ = [
     "BucketBatchSampler",
@@ -355,6 +359,35 @@ def _duration(path: str | None) -> float:
     return info.frames / max(info.samplerate, 1)
 
 
+_LABEL = re.compile(r"\[\s*((?:IN|SL):[^\s\[\]]+)")
+
+
+def _report_skipped(split: str, skipped: Sequence[str], limit: int = 20) -> None:
+    """Print the rows ``data.skip_bad`` left out (stderr, rank 0 only)."""
+    if not skipped or int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) or 0) != 0:
+        return
+    for msg in skipped[:limit]:
+        print(f"conslu train: skipped {msg}", file=sys.stderr)
+    more = f" (first {limit} shown)" if len(skipped) > limit else ""
+    print(f"conslu train: {len(skipped)} bad {split!r} row(s) skipped{more}", file=sys.stderr)
+
+
+def _row_location(data_dir: str, split: str, row: dict) -> str:
+    """``manifest:line`` of a row (by its id), for error messages; the manifest alone if not found."""
+    manifest = Path(data_dir) / "manifests" / f"{split}.tsv"
+    if Path(data_dir).is_file():
+        manifest = Path(data_dir)
+    want = str(row.get("id"))
+    try:
+        with open(manifest, encoding="utf-8-sig") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.split("\t", 1)[0].strip() == want:
+                    return f"{manifest}:{lineno}"
+    except OSError:
+        pass
+    return f"{manifest}: row {want!r}"
+
+
 class SLUDataModule(pl.LightningDataModule):
     """STOP-layout data for training and validation.
 
@@ -418,7 +451,10 @@ class SLUDataModule(pl.LightningDataModule):
     def _read(self, split: str, limit: int | None) -> list[dict]:
         from conslu.data import read_stop
 
-        ds = read_stop(self.data_dir, split, domains=self.domains, limit=limit, skip_bad=self.skip_bad)
+        skipped: list[str] = []
+        ds = read_stop(self.data_dir, split, domains=self.domains, limit=limit, skip_bad=self.skip_bad,
+                       skipped=skipped)
+        _report_skipped(split, skipped)
         rows = ds.to_list() if hasattr(ds, "to_list") else list(ds)
         if not rows:
             raise ValueError(f"{self.data_dir}: no {split!r} examples (domains={self.domains})")
@@ -471,10 +507,39 @@ class SLUDataModule(pl.LightningDataModule):
             return 0
         return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
+    def check_labels(self, module: "SLUModule") -> None:
+        """Refuse (or, with ``skip_bad``, drop and report) training rows whose trees use a label the
+        model's grammar lacks: they could not be encoded, and would stop training at their batch."""
+        assert self.train_rows is not None
+        slu = module.slu
+        if slu is None or getattr(slu, "target_format", "simplified") != "simplified":
+            return  # WhiSLU targets are plain text: any label can be written
+        known = set(slu.grammar.labels)
+        keep: list[dict] = []
+        bad: list[str] = []
+        for r in self.train_rows:
+            unknown = sorted({lab for lab in _LABEL.findall(r.get("logical_form") or "") if lab not in known})
+            if unknown:
+                bad.append(f"{_row_location(self.data_dir, self.train_split, r)}: label(s) {', '.join(unknown)} "
+                           f"not in the model's grammar ({len(known)} labels)")
+            else:
+                keep.append(r)
+        if not bad:
+            return
+        if not self.skip_bad:
+            more = f" (and {len(bad) - 1} more row(s))" if len(bad) > 1 else ""
+            raise DataError(f"{bad[0]}{more}; use a grammar that covers the training data (model.grammar: train) "
+                            "or set data.skip_bad: true to leave such rows out")
+        _report_skipped(self.train_split, bad)
+        if not keep:
+            raise DataError(f"{self.data_dir}: every {self.train_split!r} row uses labels the model's grammar lacks")
+        self.train_rows = keep
+
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
         assert self.train_rows is not None
         module = self._get_module()
+        self.check_labels(module)
         dataset = self._examples(self.train_rows, module)
         sampler = BucketBatchSampler(self._lengths(self.train_rows), self.batch_size, bucket_size=self.bucket_size,
                                      shuffle=self.shuffle, seed=self.seed)
@@ -779,6 +844,22 @@ class SLUModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A checkpoint of another target format or grammar has other label tokens: refuse it clearly
+        # instead of failing on embedding shapes (or, worse, loading mismatched weights).
+        saved = checkpoint.get("conslu")
+        if not isinstance(saved, dict) or self.slu is None:
+            return
+        fmt = saved.get("target_format")
+        if fmt is not None and fmt != self.slu.target_format:
+            raise ValueError(f"checkpoint was trained with target format {fmt!r}, this run uses "
+                             f"{self.slu.target_format!r}; resume with the same model.target_format")
+        g = saved.get("grammar")
+        labels = (list(g.get("intents") or []) + list(g.get("slots") or [])) if isinstance(g, dict) else None
+        if labels and fmt == "simplified" and sorted(labels) != sorted(self.slu.grammar.labels):
+            raise ValueError("checkpoint was trained with another grammar (different label tokens); "
+                             "resume with the same model.grammar")
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Recorded for inspection; resuming rebuilds the same model from the same config.
         if self.slu is not None:
@@ -816,7 +897,12 @@ def export_model(slu: Any, dirpath: str | os.PathLike, info: dict | None = None)
             old = Path(tempfile.mkdtemp(dir=dirpath.parent, prefix=f".{dirpath.name}.old-"))
             os.rmdir(old)
             os.rename(dirpath, old)
-        os.rename(tmp, dirpath)
+        try:
+            os.rename(tmp, dirpath)
+        except BaseException:
+            if old is not None:  # put the previous export back rather than leave no model at all
+                os.rename(old, dirpath)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -922,5 +1008,15 @@ def cmd_train(argv: list[str]) -> int:
             print(f"conslu train: --ckpt_path last: {last} does not exist (nothing to resume)", file=sys.stderr)
             return 2
         ckpt = str(last)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    fit_kwargs: dict[str, Any] = {}
+    if "weights_only" in inspect.signature(cli.trainer.fit).parameters:
+        fit_kwargs["weights_only"] = True  # never unpickle code from a checkpoint file
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, **fit_kwargs)
+    except SystemExit:
+        # Lightning turns Ctrl-C into sys.exit(1) after a graceful shutdown
+        if getattr(cli.trainer, "interrupted", False):
+            print("conslu train: interrupted; resume with --ckpt_path last (same config)", file=sys.stderr)
+            return 130
+        raise
     return 0
