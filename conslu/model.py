@@ -71,6 +71,9 @@ def _fill_generation_config(model: Any, tok: SLUTokenizer) -> None:
     if getattr(gc, "begin_suppress_tokens", None) is None:
         gc.begin_suppress_tokens = [220, tok.eos_token_id]  # " " and <|endoftext|>
     gc.forced_decoder_ids = None
+    # Whisper's suppress list bans '{', ' "', ':', ' ]'...: the WhiSLU JSON target needs them, and a
+    # fine-tuned SLU model has no use for the pretrained model's punctuation bans.
+    gc.suppress_tokens = None
     gc.max_length = int(model.config.max_target_positions)
 
 
