@@ -36,6 +36,8 @@ from typing import Sequence
 
 import numpy as np
 
+from conslu.atomic import atomic_write_json
+
 __all__ = [
     "Ct2Error",
     "Ct2Model",
@@ -415,14 +417,6 @@ def _load_vocab(tok: dict, aux: dict[str, Path], vocab_size: int) -> _Vocab:
     return _Vocab(specials, timestamps, size)
 
 
-def _atomic_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _write_tokenizer(tok: dict, vocab: _Vocab, out: Path) -> None:
     """Write tokenizer.json plus the slow-tokenizer files (vocab.json, merges.txt, added_tokens.json)."""
     entry = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False}
@@ -431,18 +425,18 @@ def _write_tokenizer(tok: dict, vocab: _Vocab, out: Path) -> None:
     added.sort(key=lambda t: t["id"])
     tok = dict(tok)
     tok["added_tokens"] = added
-    _atomic_json(out / "tokenizer.json", tok)
-    _atomic_json(out / "vocab.json", tok["model"]["vocab"])
+    atomic_write_json(out / "tokenizer.json", tok)
+    atomic_write_json(out / "vocab.json", tok["model"]["vocab"])
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
     (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{m}\n" for m in merges), encoding="utf-8")
-    _atomic_json(out / "added_tokens.json", {t["content"]: t["id"] for t in added})
+    atomic_write_json(out / "added_tokens.json", {t["content"]: t["id"] for t in added})
     eot = "<|endoftext|>"
     extra = [c for c, _ in sorted(vocab.specials.items(), key=lambda x: x[1]) if c != eot]
-    _atomic_json(out / "special_tokens_map.json", {
+    atomic_write_json(out / "special_tokens_map.json", {
         "bos_token": eot, "eos_token": eot, "unk_token": eot, "pad_token": eot,
         "additional_special_tokens": extra,
     })
-    _atomic_json(out / "tokenizer_config.json", {
+    atomic_write_json(out / "tokenizer_config.json", {
         "tokenizer_class": "WhisperTokenizer",
         "processor_class": "WhisperProcessor",
         "bos_token": eot, "eos_token": eot, "unk_token": eot, "pad_token": eot,
@@ -593,7 +587,7 @@ def convert_ct2(
         config.architectures = ["WhisperForConditionalGeneration"]
         config.save_pretrained(tmp)
         gen = _generation_config(vocab, dims, m.config, multilingual)
-        _atomic_json(tmp / "generation_config.json", gen)
+        atomic_write_json(tmp / "generation_config.json", gen)
         GenerationConfig.from_pretrained(tmp)  # fail early if this transformers rejects it
         tensors = {k: torch.from_numpy(np.require(v, np.float32, ["C", "W"])) for k, v in sd.items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -604,7 +598,7 @@ def convert_ct2(
             verify_conversion(tmp, sd)
         seconds = time.perf_counter() - t0
         _write_notice(tmp, parts, label, dims, m, seconds)
-        _atomic_json(tmp / MARKER, {
+        atomic_write_json(tmp / MARKER, {
             "source": label,
             "files": [str(p) for p in parts],
             "bytes": sum(p.stat().st_size for p in parts),

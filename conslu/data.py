@@ -18,10 +18,10 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
+from conslu.atomic import atomic_write_text
 from conslu.logical_form import MalformedTreeError, Tree, parse_tree, words as tree_words
 from conslu.normalize import is_subsequence, normalize_example
 
@@ -390,27 +390,14 @@ def stop_row(file_id: str, domain: str, gender: str, native: str, utterance: str
 def write_manifest(path: PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
     """Write a STOP manifest (header + one row per mapping, :data:`STOP_COLUMNS` in order)
     atomically; a field holding a tab or newline is an error naming the row."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write("\t".join(STOP_COLUMNS) + "\n")
-            for n, row in enumerate(rows, 1):
-                missing = [c for c in STOP_COLUMNS if c not in row]
-                if missing:
-                    raise ValueError(f"{path}: row {n}: missing field(s) {', '.join(missing)}")
-                values = ["" if row[c] is None else str(row[c]) for c in STOP_COLUMNS]
-                bad = [c for c, v in zip(STOP_COLUMNS, values) if "\t" in v or "\n" in v or "\r" in v]
-                if bad:
-                    raise ValueError(f"{path}: row {n} ({values[0]}): tab or newline in {', '.join(bad)}")
-                f.write("\t".join(values) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    lines = ["\t".join(STOP_COLUMNS)]
+    for n, row in enumerate(rows, 1):
+        missing = [c for c in STOP_COLUMNS if c not in row]
+        if missing:
+            raise ValueError(f"{path}: row {n}: missing field(s) {', '.join(missing)}")
+        values = ["" if row[c] is None else str(row[c]) for c in STOP_COLUMNS]
+        bad = [c for c, v in zip(STOP_COLUMNS, values) if "\t" in v or "\n" in v or "\r" in v]
+        if bad:
+            raise ValueError(f"{path}: row {n} ({values[0]}): tab or newline in {', '.join(bad)}")
+        lines.append("\t".join(values))
+    return atomic_write_text(path, "\n".join(lines) + "\n")

@@ -15,12 +15,12 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+from conslu.atomic import atomic_write_text
 from conslu.logical_form import (
     INTENT_PREFIX,
     ROOT,
@@ -301,37 +301,6 @@ class Grammar:
     def __repr__(self) -> str:
         s = self.stats()
         return f"Grammar(intents={s['intents']}, slots={s['slots']}, pairs={s['pairs']}, max_depth={s['max_depth']})"
-
-
-def _file_mode(path: Path) -> int:
-    try:
-        return path.stat().st_mode & 0o7777
-    except OSError:
-        mask = os.umask(0)
-        os.umask(mask)
-        return 0o666 & ~mask
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; use what a plain open() would
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-# ----------------------------------------------------------------------------------------------
-# Coverage check
 
 
 def check_coverage(grammar: Grammar, paths: Sequence[str | os.PathLike], field: str | None = None,

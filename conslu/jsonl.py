@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
+
+from conslu.atomic import atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
 
 __all__ = ["JSONLError", "iter_jsonl", "read_jsonl", "dumps", "atomic_write_text", "atomic_write_json",
            "atomic_write_jsonl", "ResumableWriter"]
@@ -81,29 +82,6 @@ def iter_jsonl(path: str | os.PathLike, *, allow_truncated_tail: bool = False) -
 def read_jsonl(path: str | os.PathLike, *, allow_truncated_tail: bool = False) -> list[dict]:
     """All objects of a JSON-lines file (see :func:`iter_jsonl`)."""
     return [item for _, item in iter_jsonl(path, allow_truncated_tail=allow_truncated_tail)]
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to a temporary file in the same folder, fsync, then ``os.replace`` it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:

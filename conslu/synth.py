@@ -52,6 +52,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from conslu.atomic import atomic_write_text
+
 __all__ = [
     "DEFAULT_VOICES", "RATE_RANGE", "PITCH_RANGE", "SPLITS", "SynthError", "Utterance", "Speaker",
     "file_id_for", "audio_path_for", "choose_speaker", "voice_gender", "speak", "render", "spread",
@@ -382,19 +384,7 @@ def _check_settings(out: Path, settings: dict) -> None:
             raise SynthError(f"{out}: made with other synth settings ({detail}); use a new --out folder "
                              "or the same settings")
         return
-    _atomic_text(f, json.dumps(settings, indent=1) + "\n")
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(f, json.dumps(settings, indent=1) + "\n")
 
 
 def _remove_stale_temps(dirs: Iterable[Path], pattern: str) -> int:
