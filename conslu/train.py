@@ -32,6 +32,7 @@ Several GPUs / nodes: Lightning's own DDP (``--trainer.strategy ddp --trainer.de
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -984,18 +985,30 @@ class SLUCLI(LightningCLI):
             cfg["export"]["dirpath"] = os.path.join(root, "best")
 
 
+@contextlib.contextmanager
+def _patched_argv(argv: list[str]) -> Iterator[None]:
+    old = sys.argv
+    sys.argv = argv
+    try:
+        yield
+    finally:
+        sys.argv = old
+
+
 def cmd_train(argv: list[str]) -> int:
     """``conslu train`` entry: parse with LightningCLI, then ``trainer.fit`` (with ``--ckpt_path``)."""
     try:
-        cli = SLUCLI(
-            SLUModule,
-            SLUDataModule,
-            run=False,
-            args=list(argv),
-            seed_everything_default=0,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": "conslu train", "default_env": False},
-        )
+        # LightningCLI warns when sys.argv holds words besides args (always, under `conslu` or pytest)
+        with _patched_argv(["conslu train"]):
+            cli = SLUCLI(
+                SLUModule,
+                SLUDataModule,
+                run=False,
+                args=list(argv),
+                seed_everything_default=0,
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs={"prog": "conslu train", "default_env": False},
+            )
     except SystemExit as e:  # --help, --print_config, argument errors
         return int(e.code or 0) if not isinstance(e.code, str) else 2
     ckpt = cli.config.get("ckpt_path")
