@@ -181,6 +181,25 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int
     return statistics.median(times), out
 
 
+def interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int,
+                warmup: int = 1) -> tuple[dict[str, float], dict[str, Any]]:
+    """Median seconds per function and last results, the functions run round-robin (A B C A B C ...)
+    so that load changes on a shared machine hit all of them alike."""
+    out: dict[str, Any] = {}
+    for _ in range(warmup):
+        for k, fn in fns.items():
+            out[k] = fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            out[k] = fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}, out
+
+
 def _strip(ids: Sequence[int], prefix: Sequence[int], eos: int, pad: int) -> list[int]:
     """Generated tokens only (no prompt, nothing from the first <|endoftext|> on)."""
     ids = [int(i) for i in ids]
@@ -225,86 +244,98 @@ def run_bench(slu: Any, utts: Sequence[Utterance], *, repeats: int, batch: int =
                                     encoder_outputs=(f,))
 
     per_utt: list[dict] = []
-    t_gen_u = t_gen_c = 0.0
-    n_gen_u = n_gen_c = 0
-    sums = {"plain": 0.0, "spec": 0.0, "plain_lf": 0.0, "spec_lf": 0.0, "transcribe": 0.0, "lf_passes": 0,
-            "lf_tokens": 0, "passes": 0, "tokens": 0}
+    tot = {k: 0.0 for k in ("gen_u", "gen_c", "loop_u", "plain", "spec", "transcribe")}
+    cnt = {"gen_u": 0, "gen_c": 0, "loop_u": 0, "loop_c": 0}
+    sums = {"plain_lf": 0.0, "spec_lf": 0.0, "lf_passes": 0, "lf_tokens": 0, "passes": 0, "tokens": 0,
+            "compact_rows": 0, "compact_cols": 0, "near_ties": 0}
     identical = 0
     n_checked = 0
-    outputs = []
     for i, u in enumerate(utts):
         f = enc_all[i : i + 1]
-        tu, out_u = timed(lambda: gen(f, False), device, repeats)
-        tc, out_c = timed(lambda: gen(f, True), device, repeats)
-        tp, (sp, st_p) = timed(lambda: loop(f, 0), device, repeats)
-        ts, (ss, st_s) = timed(lambda: loop(f, draft_len), device, repeats)
-        tt, _ = timed(lambda: loop(f, 0, constrained=False, sep=True), device, repeats)
+        t, o = interleaved({"gen_u": lambda: gen(f, False), "gen_c": lambda: gen(f, True),
+                            "loop_u": lambda: loop(f, 0, constrained=False), "plain": lambda: loop(f, 0),
+                            "spec": lambda: loop(f, draft_len), "transcribe": lambda: loop(f, 0, constrained=False, sep=True)},
+                           device, repeats)
+        out_u, out_c = o["gen_u"], o["gen_c"]
+        (su, _), (sp, st_p), (ss, st_s) = o["loop_u"], o["plain"], o["spec"]
         ref = _strip(out_c[0].tolist(), prefix, eos, pad)
         same = _strip(ss[0], prefix, eos, pad) == ref and _strip(sp[0], prefix, eos, pad) == ref
+        same_u = _strip(su[0], prefix, eos, pad) == _strip(out_u[0].tolist(), prefix, eos, pad)
         identical += int(same)
         n_checked += 1
         nu = len(_strip(out_u[0].tolist(), prefix, eos, pad)) + 1
+        nlu = len(_strip(su[0], prefix, eos, pad)) + 1
         nc = len(ref) + 1
-        t_gen_u += tu
-        t_gen_c += tc
-        n_gen_u += nu
-        n_gen_c += nc
-        sums["plain"] += tp
-        sums["spec"] += ts
+        for k in tot:
+            tot[k] += t[k]
+        cnt["gen_u"] += nu
+        cnt["gen_c"] += nc
+        cnt["loop_u"] += nlu
+        cnt["loop_c"] += nc
         sums["plain_lf"] += st_p["lf_seconds"]
         sums["spec_lf"] += st_s["lf_seconds"]
-        sums["transcribe"] += tt
-        for key in ("lf_passes", "lf_tokens"):
+        for key in ("lf_passes", "lf_tokens", "compact_rows", "compact_cols", "near_ties"):
             sums[key] += st_s[key]
         sums["passes"] += st_s["decoder_passes"]
         sums["tokens"] += st_s["tokens"]
-        outputs.append(tok.text(ss[0]))
         per_utt.append({"transcript": u.transcript, "words": len(u.transcript.split()), "tokens": nc,
-                        "unconstrained_s": tu, "constrained_s": tc, "constrained_loop_s": tp,
-                        "speculative_s": ts, "transcribe_s": tt, "output": tok.text(ss[0]),
-                        "identical": same})
+                        "unconstrained_s": t["gen_u"], "constrained_s": t["gen_c"], "unconstrained_loop_s": t["loop_u"],
+                        "constrained_loop_s": t["plain"], "speculative_s": t["spec"], "transcribe_s": t["transcribe"],
+                        "output": tok.text(ss[0]), "identical": same, "unconstrained_loop_identical": same_u})
     # batch 16: the utterances repeated
     reps = (batch + len(utts) - 1) // len(utts)
     fb = enc_all.repeat(reps, 1, 1)[:batch]
-    tbu, out_bu = timed(lambda: gen(fb, False), device, max(1, repeats // 2))
-    tbc, out_bc = timed(lambda: gen(fb, True), device, max(1, repeats // 2))
-    tbs, (sbs, st_bs) = timed(lambda: loop(fb, draft_len), device, max(1, repeats // 2))
-    tbp, _ = timed(lambda: loop(fb, 0), device, max(1, repeats // 2))
+    tb, ob = interleaved({"gen_u": lambda: gen(fb, False), "gen_c": lambda: gen(fb, True),
+                          "loop_u": lambda: loop(fb, 0, constrained=False), "plain": lambda: loop(fb, 0),
+                          "spec": lambda: loop(fb, draft_len)}, device, max(1, repeats // 2))
+    out_bu, out_bc, (sbu, _), (sbs, st_bs) = ob["gen_u"], ob["gen_c"], ob["loop_u"], ob["spec"]
     nbu = sum(len(_strip(r.tolist(), prefix, eos, pad)) + 1 for r in out_bu)
+    nblu = sum(len(_strip(r, prefix, eos, pad)) + 1 for r in sbu)
     refs_b = [_strip(r.tolist(), prefix, eos, pad) for r in out_bc]
     nbc = sum(len(r) + 1 for r in refs_b)
     same_b = [_strip(s, prefix, eos, pad) == r for s, r in zip(sbs, refs_b)]
+    same_b += [_strip(s, prefix, eos, pad) == r for s, r in zip(ob["plain"][0], refs_b)]
     identical += sum(same_b)
     n_checked += len(same_b)
-
+    per_tok = lambda secs, n: secs / max(n, 1)  # noqa: E731
     loss = loss_bench(slu, utts, feats, repeats=repeats, full_model=loss_full_model)
-    b1 = (t_gen_c / n_gen_c) / (t_gen_u / n_gen_u)
-    b16 = (tbc / nbc) / (tbu / nbu)
+    b1 = per_tok(tot["plain"], cnt["loop_c"]) / per_tok(tot["loop_u"], cnt["loop_u"])
+    b16 = per_tok(tb["plain"], nbc) / per_tok(tb["loop_u"], nblu)
+    g1 = per_tok(tot["gen_c"], cnt["gen_c"]) / per_tok(tot["gen_u"], cnt["gen_u"])
+    g16 = per_tok(tb["gen_c"], nbc) / per_tok(tb["gen_u"], nbu)
     res = {
         "constrained_overhead": max(b1, b16),
         "constrained_overhead_b1": b1,
         "constrained_overhead_b16": b16,
-        "constrained_overhead_loop_b1": sums["plain"] / t_gen_u * n_gen_u / n_gen_c,
+        "constrained_overhead_generate_b1": g1,
+        "constrained_overhead_generate_b16": g16,
+        "constrained_overhead_loop_b1": per_tok(tot["plain"], cnt["loop_c"]) / per_tok(tot["gen_u"], cnt["gen_u"]),
+        "loop_vs_generate_constrained_b1": tot["plain"] / tot["gen_c"],
+        "loop_vs_generate_constrained_b16": tb["plain"] / tb["gen_c"],
         "loss_overhead": loss["loss_overhead"],
         "loss_overhead_with_states": loss["loss_overhead_with_states"],
-        "parse_vs_transcribe": sums["spec"] / sums["transcribe"],
-        "parse_vs_transcribe_plain": sums["plain"] / sums["transcribe"],
+        "parse_vs_transcribe": tot["spec"] / tot["transcribe"],
+        "parse_vs_transcribe_plain": tot["plain"] / tot["transcribe"],
         "speculative_speedup": sums["plain_lf"] / sums["spec_lf"] if sums["spec_lf"] else float("nan"),
-        "speculative_speedup_total": sums["plain"] / sums["spec"],
-        "speculative_speedup_vs_generate": t_gen_c / sums["spec"],
-        "speculative_speedup_b16": tbp / tbs,
+        "speculative_speedup_total": tot["plain"] / tot["spec"],
+        "speculative_speedup_vs_generate": tot["gen_c"] / tot["spec"],
+        "speculative_speedup_b16": tb["plain"] / tb["spec"],
         "decoder_passes_per_token": sums["lf_passes"] / max(sums["lf_tokens"], 1),
         "decoder_passes_per_token_total": sums["passes"] / max(sums["tokens"], 1),
         "speculative_identical": identical / n_checked,
+        "candidate_columns_per_row": sums["compact_cols"] / max(sums["compact_rows"], 1),
+        "near_tie_rechecks": sums["near_ties"],
         "utterances": len(utts),
         "batch": batch,
         "draft_len": draft_len,
         "repeats": repeats,
-        "seconds": {"generate_unconstrained_b1": t_gen_u, "generate_constrained_b1": t_gen_c,
-                    "loop_constrained_b1": sums["plain"], "loop_speculative_b1": sums["spec"],
-                    "loop_transcribe_b1": sums["transcribe"], "lf_constrained_b1": sums["plain_lf"],
-                    "lf_speculative_b1": sums["spec_lf"], "generate_unconstrained_b16": tbu,
-                    "generate_constrained_b16": tbc, "loop_constrained_b16": tbp, "loop_speculative_b16": tbs,
+        "seconds": {"generate_unconstrained_b1": tot["gen_u"], "generate_constrained_b1": tot["gen_c"],
+                    "loop_unconstrained_b1": tot["loop_u"], "loop_constrained_b1": tot["plain"],
+                    "loop_speculative_b1": tot["spec"], "loop_transcribe_b1": tot["transcribe"],
+                    "lf_constrained_b1": sums["plain_lf"], "lf_speculative_b1": sums["spec_lf"],
+                    "generate_unconstrained_b16": tb["gen_u"], "generate_constrained_b16": tb["gen_c"],
+                    "loop_unconstrained_b16": tb["loop_u"], "loop_constrained_b16": tb["plain"],
+                    "loop_speculative_b16": tb["spec"],
                     **{k: v for k, v in loss.items() if k.endswith("_s")}},
         "per_utterance": per_utt,
     }
@@ -372,14 +403,19 @@ def plot(res: dict, path: Path) -> None:
     rows = sorted(res["per_utterance"], key=lambda r: r["tokens"])
     x = [r["tokens"] for r in rows]
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
-    ax.plot(x, [r["unconstrained_s"] * 1e3 for r in rows], "o-", label="unconstrained (generate)")
-    ax.plot(x, [r["constrained_s"] * 1e3 for r in rows], "s-", label="constrained (generate)")
+    if all("unconstrained_loop_s" in r for r in rows):
+        ax.plot(x, [r["unconstrained_loop_s"] * 1e3 for r in rows], "o-", label="unconstrained (greedy loop)")
+        ax.plot(x, [r["constrained_loop_s"] * 1e3 for r in rows], "s-", label="constrained (greedy loop)")
     ax.plot(x, [r["speculative_s"] * 1e3 for r in rows], "^-", label="constrained + speculative")
+    ax.plot(x, [r["unconstrained_s"] * 1e3 for r in rows], "o:", color="grey", alpha=0.7,
+            label="unconstrained (HF generate)")
+    ax.plot(x, [r["constrained_s"] * 1e3 for r in rows], "s:", color="black", alpha=0.7,
+            label="constrained (HF generate + LogitsProcessor)")
     ax.set_xlabel("output length (tokens: transcript | logical form)")
     ax.set_ylabel("decode time, batch 1 (ms)")
     ax.set_title(f"{res.get('model', '')} on {res.get('device', '')}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
@@ -402,11 +438,15 @@ def table(res: dict) -> str:
              f"device: {res['device']}, {res['utterances']} utterances, batch {res['batch']}, "
              f"draft {res['draft_len']}, median of {res['repeats']}",
              f"{'figure':34s} {'value':>8s}  target"]
-    for k in ("constrained_overhead_b1", "constrained_overhead_b16", "constrained_overhead", "constrained_overhead_loop_b1",
+    for k in ("constrained_overhead_b1", "constrained_overhead_b16", "constrained_overhead",
+              "constrained_overhead_generate_b1", "constrained_overhead_generate_b16", "constrained_overhead_loop_b1",
+              "loop_vs_generate_constrained_b1", "loop_vs_generate_constrained_b16",
               "loss_overhead", "loss_overhead_with_states", "parse_vs_transcribe", "parse_vs_transcribe_plain",
               "speculative_speedup", "speculative_speedup_total", "speculative_speedup_vs_generate",
               "speculative_speedup_b16", "decoder_passes_per_token", "decoder_passes_per_token_total",
               "speculative_identical"):
+        if k not in res:
+            continue
         v = res[k]
         t = targets.get(k, "")
         ok = ""

@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from conslu.atomic import atomic_folder, atomic_write_json
 from conslu.constraints import Tables, build_tables
 from conslu.decoding import GrammarLogitsProcessor
 from conslu.grammar import Grammar
@@ -214,37 +213,22 @@ class ConSLU:
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write the folder atomically: into a temporary sibling, then rename over ``path``."""
-        folder = Path(path)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        try:
-            self.model.save_pretrained(str(tmp))
-            self.tokenizer.tokenizer.save_pretrained(str(tmp))
-            self.feature_extractor.save_pretrained(str(tmp))
-            self.grammar.save(tmp / GRAMMAR_NAME)
-            cfg = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "target_format": self.target_format,
-                   "constraints": self.constraints, "label_tokens": list(self.tokenizer.label_tokens),
-                   "structure_tokens": {"open": self.tokenizer.open_id, "close": self.tokenizer.close_id,
-                                        "separator": self.tokenizer.sep_id},
-                   "prefix_ids": list(self.tokenizer.prefix_ids)}
-            (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-            os.chmod(tmp, 0o755)
-            old = None
-            if folder.exists():
-                old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-                os.replace(folder, old)
-            try:
-                os.replace(tmp, folder)
-            except BaseException:
-                if old is not None:  # put the previous folder back
-                    os.replace(old, folder)
-                raise
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return folder
+        with atomic_folder(path) as tmp:
+            self.write_files(tmp)
+        return Path(path)
+
+    def write_files(self, folder: Path) -> None:
+        """Write every file of a ConSLU folder into ``folder`` (not atomic: see ``save_pretrained``)."""
+        self.model.save_pretrained(str(folder))
+        self.tokenizer.tokenizer.save_pretrained(str(folder))
+        self.feature_extractor.save_pretrained(str(folder))
+        self.grammar.save(folder / GRAMMAR_NAME)
+        cfg = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "target_format": self.target_format,
+               "constraints": self.constraints, "label_tokens": list(self.tokenizer.label_tokens),
+               "structure_tokens": {"open": self.tokenizer.open_id, "close": self.tokenizer.close_id,
+                                    "separator": self.tokenizer.sep_id},
+               "prefix_ids": list(self.tokenizer.prefix_ids)}
+        atomic_write_json(folder / CONFIG_NAME, cfg, indent=2)
 
     def to(self, device: Any) -> "ConSLU":
         self.model.to(device)

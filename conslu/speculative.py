@@ -103,11 +103,111 @@ def _suppress_lists(model: Any) -> tuple[list[int], list[int]]:
     return sup, begin
 
 
+TIE_TOL = 1e-4  # compact-projection margins below this (relative) are re-checked with a full-vocabulary row
+
+
+def _candidate_projection_ok(model: Any) -> bool:
+    """True when ``model``'s forward is the stock Whisper one (decoder body + bias-free ``proj_out``),
+    so the loop may run the decoder body itself and project only candidate rows. A subclass that
+    overrides ``forward`` (tests nudge logits there) gets the ordinary full forward."""
+    try:
+        from transformers import WhisperForConditionalGeneration
+    except ImportError:  # pragma: no cover
+        return False
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return (isinstance(model, WhisperForConditionalGeneration)
+            and type(model).forward is WhisperForConditionalGeneration.forward
+            and out is not None and getattr(out, "bias", None) is None)
+
+
+def _select(hidden: Tensor | None, logits: Tensor | None, weight: Tensor | None, cm: Tensor | None, phase: Tensor,
+            at_begin: Tensor, sup_t: Tensor, begin_t: Tensor, V: int, stats: dict) -> Tensor:
+    """Greedy token [N] for N positions: argmax over the allowed tokens (lowest id among equal maxima).
+
+    With ``logits`` ([..., V'] full rows, the plain forward) it masks and takes the argmax. With
+    ``hidden`` ([..., d], decoder body output) it projects only what is needed: full-vocabulary rows
+    (``F.linear(h, W)``, as ``proj_out``) for positions without constraints or still in the transcript
+    phase, and for logical-form positions only the union U of their candidate ids (``F.linear(h,
+    W[U])``, U ascending so the tie rule is the same). A gathered dot product may differ from the full
+    matmul in the last bits, so a position whose best and second-best candidate logits are within
+    ``TIE_TOL`` (relative) is recomputed from its full-vocabulary row: the choice is then the one the
+    full computation makes.
+    """
+    if logits is not None:
+        scores = logits.reshape(-1, logits.shape[-1])[:, :V].float()
+        if scores.shape[-1] < V:
+            raise ValueError(f"model has {scores.shape[-1]} logits; the constraint tables were built for {V}")
+        if cm is not None:
+            scores = scores.masked_fill(~cm, float("-inf"))
+        if sup_t.numel():
+            scores[:, sup_t] = float("-inf")
+        if begin_t.numel() and bool(at_begin.any()):
+            scores[:, begin_t] = scores[:, begin_t].masked_fill(at_begin[:, None], float("-inf"))
+        return scores.argmax(-1)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    N = h.shape[0]
+    if weight.shape[0] < V:
+        raise ValueError(f"model has {weight.shape[0]} logits; the constraint tables were built for {V}")
+    full_rows = torch.ones(N, dtype=torch.bool, device=h.device) if cm is None else (phase == TRANSCRIPT) | at_begin
+    out = torch.empty(N, dtype=torch.long, device=h.device)
+    if bool(full_rows.all()):
+        idx = None
+    else:
+        idx = (~full_rows).nonzero().squeeze(1)
+    if idx is None or idx.numel() < N:
+        fr = full_rows.nonzero().squeeze(1) if idx is not None else None
+        hf = h if fr is None else h.index_select(0, fr)
+        scores = torch.nn.functional.linear(hf, weight)[:, :V].float()
+        if cm is not None:
+            scores = scores.masked_fill(~(cm if fr is None else cm.index_select(0, fr)), float("-inf"))
+        if sup_t.numel():
+            scores[:, sup_t] = float("-inf")
+        ab = at_begin if fr is None else at_begin.index_select(0, fr)
+        if begin_t.numel() and bool(ab.any()):
+            scores[:, begin_t] = scores[:, begin_t].masked_fill(ab[:, None], float("-inf"))
+        g = scores.argmax(-1)
+        stats["full_rows"] += int(hf.shape[0])
+        if fr is None:
+            return g
+        out[fr] = g
+    if idx is not None:
+        c = cm.index_select(0, idx)
+        if sup_t.numel():
+            c[:, sup_t] = False
+        u = c.any(0).nonzero().squeeze(1)  # ascending candidate ids
+        hc = h.index_select(0, idx)
+        stats["compact_rows"] += int(idx.numel())
+        stats["compact_cols"] += int(u.numel())
+        if u.numel() == 0:  # nothing allowed: decide as the full masked row does
+            near = torch.ones(idx.numel(), dtype=torch.bool, device=h.device)
+            gc = torch.zeros(idx.numel(), dtype=torch.long, device=h.device)
+        else:
+            sc = torch.nn.functional.linear(hc, weight.index_select(0, u)).float()
+            sc = sc.masked_fill(~c.index_select(1, u), float("-inf"))
+            if u.numel() > 1:
+                top = sc.topk(2, dim=1).values
+                near = torch.isfinite(top[:, 1]) & ((top[:, 0] - top[:, 1]) <= TIE_TOL * top[:, 0].abs().clamp(min=1.0))
+            else:
+                near = torch.zeros(idx.numel(), dtype=torch.bool, device=h.device)
+            near |= ~torch.isfinite(sc.max(1).values)
+            gc = u[sc.argmax(-1)]
+        if bool(near.any()):
+            rows = near.nonzero().squeeze(1)
+            stats["near_ties"] += int(rows.numel())
+            for r in rows.tolist():  # rare: one full row each, the shape plain greedy uses
+                s = torch.nn.functional.linear(hc[r : r + 1], weight)[:, :V].float()
+                s = s.masked_fill(~c[r : r + 1], float("-inf"))
+                gc[r] = s.argmax(-1)[0]
+        out[idx] = gc
+    return out
+
+
 @torch.inference_mode()
 def speculative_generate(model: Any, input_features: Tensor, tables: Tables, prefix_ids: Sequence[int], *,
                          max_new_tokens: int, draft_len: int = 8, constrained: bool = True,
                          prior: Tensor | None = None, suppress: bool = True,
-                         encoder_outputs: Any = None, stop_at_separator: bool = False) -> tuple[list[list[int]], dict]:
+                         encoder_outputs: Any = None, stop_at_separator: bool = False,
+                         project: bool | None = None) -> tuple[list[list[int]], dict]:
     """Greedy decoding with copy-speculative drafts (``draft_len=0``: plain greedy in the same loop).
 
     Returns (sequences, stats): each sequence is ``prefix_ids`` + the generated tokens, ending with
@@ -136,6 +236,10 @@ def speculative_generate(model: Any, input_features: Tensor, tables: Tables, pre
     eos, pad = tables.eos_id, tables.pad_id
     if encoder_outputs is None:
         encoder_outputs = model.get_encoder()(input_features)
+    fast = _candidate_projection_ok(model) if project is None else bool(project)
+    decoder = model.get_decoder() if fast else None
+    enc_h = encoder_outputs[0] if fast else None
+    weight = model.get_output_embeddings().weight if fast else None
     sup, begin = _suppress_lists(model) if suppress else ([], [])
     sup_t = torch.tensor([t for t in sup if 0 <= t < V], dtype=torch.long, device=device)
     begin_t = torch.tensor([t for t in begin if 0 <= t < V], dtype=torch.long, device=device)
@@ -147,7 +251,8 @@ def speculative_generate(model: Any, input_features: Tensor, tables: Tables, pre
     state = init_state(B, tables, device)  # state after ids[:, P:n]
     keep = torch.ones(B, 0, dtype=torch.bool, device=device)  # valid KV-cache slots
     cache = None
-    stats = {"decoder_passes": 0, "tokens": 0, "drafted": 0, "accepted": 0, "lf_passes": 0, "lf_tokens": 0}
+    stats = {"decoder_passes": 0, "tokens": 0, "drafted": 0, "accepted": 0, "lf_passes": 0, "lf_tokens": 0,
+             "full_rows": 0, "compact_rows": 0, "compact_cols": 0, "near_ties": 0}
     ar = torch.arange(B, device=device)
     first = True
     lf_start: float | None = None
@@ -188,29 +293,29 @@ def speculative_generate(model: Any, input_features: Tensor, tables: Tables, pre
             pos = pos.clamp(max=limit - 1)
         new_keep = torch.cat([keep, qvalid], 1)
         mask = None if bool(new_keep.all()) else new_keep.long()
-        out = model(encoder_outputs=encoder_outputs, decoder_input_ids=q, decoder_position_ids=pos,
-                    decoder_attention_mask=mask, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        if fast:
+            dout = decoder(input_ids=q, attention_mask=mask, encoder_hidden_states=enc_h, past_key_values=cache,
+                           position_ids=pos, use_cache=True)
+            cache = dout.past_key_values
+            hidden = dout.last_hidden_state[:, -1:] if first else dout.last_hidden_state  # [B, K, d]
+            logits = None
+        else:
+            out = model(encoder_outputs=encoder_outputs, decoder_input_ids=q, decoder_position_ids=pos,
+                        decoder_attention_mask=mask, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits = out.logits[:, -1:] if first else out.logits  # [B, K, V]
+            hidden = None
         stats["decoder_passes"] += 1
         if bool((state.phase != TRANSCRIPT).any()):
             stats["lf_passes"] += 1
-        logits = out.logits[:, -1:] if first else out.logits  # [B, K, V]
-        scores = logits[..., :V].float()
-        if scores.shape[-1] < V:
-            raise ValueError(f"model has {scores.shape[-1]} logits; the constraint tables were built for {V}")
+        at_begin = (n[:, None] + torch.arange(K, device=device)[None]) == P  # [B, K]
+        st = _stack_states(states) if K > 1 else states[0]
+        cm = None
         if constrained:
-            st = _stack_states(states) if K > 1 else states[0]
             remaining = (max_len - (n[:, None] + torch.arange(K, device=device)[None])).reshape(-1)
             cm = candidate_mask(st, seq.repeat_interleave(K, 0) if K > 1 else seq, tables, decoding=True,
                                 remaining=remaining)
-            scores = scores.masked_fill(~cm.view(B, K, V), float("-inf"))
-        if sup_t.numel():
-            scores[..., sup_t] = float("-inf")
-        if begin_t.numel():
-            at_begin = (n[:, None] + torch.arange(K, device=device)[None]) == P
-            if bool(at_begin.any()):
-                scores[..., begin_t] = scores[..., begin_t].masked_fill(at_begin[..., None], float("-inf"))
-        g = scores.argmax(-1)  # [B, K]
+        g = _select(hidden, logits, weight, cm, st.phase, at_begin.reshape(-1), sup_t, begin_t, V, stats).view(B, K)
         if K > 1:
             d = torch.stack(drafts, 1)
             match = (d == g[:, :-1]) & torch.stack(dvalid, 1)

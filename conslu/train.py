@@ -39,9 +39,7 @@ import math
 import os
 import random
 import re
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
@@ -53,6 +51,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from conslu.atomic import atomic_folder, atomic_write_json
 from conslu.data import DataError
 
 __all__ = [
@@ -882,33 +881,10 @@ def export_model(slu: Any, dirpath: str | os.PathLike, info: dict | None = None)
     renames (old -> aside, new -> dirpath); readers never see a half-written folder.
     """
     dirpath = Path(dirpath)
-    dirpath.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dirpath.parent, prefix=f".{dirpath.name}.tmp-"))
-    try:
-        slu.save_pretrained(tmp)
+    with atomic_folder(dirpath) as tmp:
+        slu.write_files(tmp)
         if info is not None:
-            fd, name = tempfile.mkstemp(dir=tmp, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(info, f, indent=2, sort_keys=True)
-                f.write("\n")
-            os.replace(name, tmp / "training.json")
-        os.chmod(tmp, 0o755)
-        old = None
-        if dirpath.exists():
-            old = Path(tempfile.mkdtemp(dir=dirpath.parent, prefix=f".{dirpath.name}.old-"))
-            os.rmdir(old)
-            os.rename(dirpath, old)
-        try:
-            os.rename(tmp, dirpath)
-        except BaseException:
-            if old is not None:  # put the previous export back rather than leave no model at all
-                os.rename(old, dirpath)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            atomic_write_json(tmp / "training.json", info, indent=2)
     return dirpath
 
 

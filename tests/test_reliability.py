@@ -614,17 +614,17 @@ def test_export_model_interrupted_keeps_old_folder(tiny_model_dir, tmp_path, mon
     dest = _copy(tiny_model_dir, tmp_path / "best")
     before = sorted(p.name for p in dest.iterdir())
     slu = ConSLU.from_pretrained(dest)
-    real = os.rename
+    real = os.replace
 
-    def fail_second(src, dst):
+    def fail_second(src, dst, *a, **k):
         if Path(dst) == dest and Path(src).name.startswith(".best.tmp-"):
             raise OSError("killed while swapping folders")
-        return real(src, dst)
+        return real(src, dst, *a, **k)
 
-    monkeypatch.setattr(tr.os, "rename", fail_second)
+    monkeypatch.setattr(os, "replace", fail_second)
     with pytest.raises(OSError):
         tr.export_model(slu, dest, {"value": 1.0})
-    monkeypatch.setattr(tr.os, "rename", real)
+    monkeypatch.setattr(os, "replace", real)
     assert sorted(p.name for p in dest.iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["best"]
 
