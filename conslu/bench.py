@@ -466,7 +466,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("conslu bench: error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
-    n_utts, repeats, ft_steps = (2, 1, 40) if quick else (8, 3, 60)
+    n_utts, repeats, ft_steps = (2, 1, 20) if quick else (8, 3, 60)
     t_start = time.perf_counter()
     try:
         torch.manual_seed(0)
@@ -476,7 +476,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         final_loss = None
         if not trained:
             final_loss = quick_finetune(slu, slu.features([u.audio for u in utts]), utts, ft_steps)
-        res = run_bench(slu, utts, repeats=repeats, batch=4 if quick else 16, loss_full_model=not quick)
+        res = run_bench(slu, utts, repeats=repeats, batch=4 if quick else 16, loss_full_model=not quick,
+                        max_new=40 if quick else BENCH_MAX_NEW)
     except (BenchError, ValueError, OSError) as e:
         print(f"conslu bench: error: {e}", file=sys.stderr)
         return 2
