@@ -38,7 +38,7 @@ import pytest
 import soundfile as sf
 
 from parse_fixtures import FakeModel, strip_timing, write_wav
-from test_evaluate import HEADER as STOP_HEADER, answers, make_corpus
+from test_evaluate import HEADER as STOP_HEADER, _model_dir as model_dir, answers, fake, make_corpus  # noqa: F401
 
 from conslu import audio as audio_mod
 from conslu.cli import main
@@ -54,30 +54,6 @@ def tone(seconds: float, sr: int, amp: float = 0.3) -> np.ndarray:
     return (amp * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32)
 
 
-@pytest.fixture
-def fake(monkeypatch):
-    """ConSLU.from_pretrained returns the FakeModel given to the setter (with the shipped grammar)."""
-    from conslu.grammar import Grammar
-    from conslu.model import ConSLU
-
-    grammar = Grammar.load(GRAMMAR)
-    holder: dict = {}
-    monkeypatch.setattr(ConSLU, "from_pretrained", classmethod(lambda cls, path, *a, **k: holder["model"]))
-
-    def use(model: FakeModel) -> FakeModel:
-        model.grammar = grammar
-        holder["model"] = model
-        return model
-
-    return use
-
-
-def model_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "fake-model"
-    d.mkdir(exist_ok=True)
-    (d / "conslu.json").write_text("{}")
-    (d / "grammar.json").write_bytes(GRAMMAR.read_bytes())
-    return d
 
 
 @pytest.fixture(scope="module")
