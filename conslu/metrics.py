@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import jiwer
 
 from conslu.grammar import Grammar, GrammarError
+from conslu.jsonl import JSONLError, iter_jsonl
 from conslu.logical_form import MalformedTreeError, is_well_formed, parse_tree, tokens
 
 FIRST_IDS = 10  # how many missing/ignored ids are listed
@@ -161,23 +162,13 @@ def score(refs: list[dict], hyps: list[dict], grammar: Grammar | None = None) ->
 def read_jsonl(path: str | Path, *, reference: bool) -> list[dict]:
     """Read score records; errors are "file:line: reason"."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise ScoreError(f"{path}: cannot read: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise ScoreError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     out: list[dict] = []
     seen: dict[str, int] = {}
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ScoreError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(item, dict):
-            raise ScoreError(f"{path}:{lineno}: expected a JSON object, got {type(item).__name__}")
+    try:
+        rows = list(iter_jsonl(path))
+    except JSONLError as e:
+        raise ScoreError(str(e)) from None
+    for lineno, item in rows:
         if "id" not in item or item["id"] is None:
             raise ScoreError(f"{path}:{lineno}: missing \"id\"")
         for key in ("transcript", "logical_form"):
