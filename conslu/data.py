@@ -67,6 +67,22 @@ class _Collector:
             raise DataError(message)
         self.skipped.append(message)
 
+    def rows(self, path: Any, rows: Iterable[tuple[int, list[str]]], header: list[str], split: str,
+             domains: Optional[set[str]], domain_col: int) -> Iterator[tuple[int, str, list[str], str]]:
+        """``(line, where, fields, domain)`` of each row to read: stops when the split is full, reports
+        rows with the wrong field count, and skips rows outside ``domains``."""
+        for lineno, fields in rows:
+            if self.full(split):
+                break
+            where = f"{path}:{lineno}"
+            if len(fields) != len(header):
+                self.bad(f"{where}: expected {len(header)} fields, got {len(fields)}")
+                continue
+            domain = fields[domain_col].strip()
+            if domains is not None and domain.lower() not in domains:
+                continue
+            yield lineno, where, fields, domain
+
     def add(self, row: dict[str, Any], where: str) -> None:
         first = self.seen.get(row["id"])
         if first is not None:
@@ -146,16 +162,7 @@ def _read_topv2_file(path: Path, col: _Collector, splits: Optional[set[str]],
         raise DataError(f"{path}:1: missing column(s) {', '.join(missing)} in the header "
                         f"(got {', '.join(header)})")
     idx = {c: header.index(c) for c in TOPV2_COLUMNS}
-    for lineno, fields in rows:
-        if col.full(split):
-            break
-        where = f"{path}:{lineno}"
-        if len(fields) != len(header):
-            col.bad(f"{where}: expected {len(header)} fields, got {len(fields)}")
-            continue
-        domain = fields[idx["domain"]].strip()
-        if domains is not None and domain.lower() not in domains:
-            continue
+    for lineno, where, fields, domain in col.rows(path, rows, header, split, domains, idx["domain"]):
         try:
             ex = normalize_example(fields[idx["utterance"]], fields[idx["semantic_parse"]])
         except MalformedTreeError as e:
@@ -230,16 +237,7 @@ def _read_stop_manifest(manifest: Path, split: str, root: Path, col: _Collector,
         raise DataError(f"{manifest}:1: missing column(s) {', '.join(missing)} in the header "
                         f"(got {', '.join(header)})")
     idx = {c: i for i, c in enumerate(header)}
-    for lineno, fields in rows:
-        if col.full(split):
-            break
-        where = f"{manifest}:{lineno}"
-        if len(fields) != len(header):
-            col.bad(f"{where}: expected {len(header)} fields, got {len(fields)}")
-            continue
-        domain = fields[idx["domain"]].strip()
-        if domains is not None and domain.lower() not in domains:
-            continue
+    for lineno, where, fields, domain in col.rows(manifest, rows, header, split, domains, idx["domain"]):
         file_id = fields[idx["file_id"]].strip()
         if not file_id:
             col.bad(f"{where}: empty file_id")
