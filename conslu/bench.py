@@ -3,10 +3,13 @@
 One run, one model, the same inputs (espeak-ng speech of utterances from the embedded TOPv2 demo
 text, normalised as STOP is):
 
-* constrained_overhead_b1 / _b16: constrained greedy ``model.generate`` (GrammarLogitsProcessor)
-  time per generated token / unconstrained greedy ``model.generate`` time per token, batch 1 and
-  16; ``constrained_overhead`` = the larger one. Per token, because an unconstrained model may stop
-  at a different length.
+* constrained_overhead_b1 / _b16: constrained greedy decoding time / unconstrained greedy decoding
+  time for the same work, batch 1 and 16, both in the shipped decoding loop
+  (``conslu.speculative.speculative_generate`` without drafts): the unconstrained run makes exactly
+  as many steps per row as the constrained one (``exact_lengths``), so the ratio is the cost of the
+  constraints alone, whatever an unconstrained model would have emitted. ``constrained_overhead`` =
+  the larger one. ``constrained_overhead_generate_*``: the same through ``model.generate`` with
+  ``GrammarLogitsProcessor``, per generated token (lengths differ there).
 * loss_overhead: a training step (forward + backward) with the constrained loss (teacher-forced
   states precomputed, as ``ConSLU.collate`` does in the data loader) / the same step with plain
   cross-entropy; ``loss_overhead_with_states`` also counts the state computation.
@@ -45,8 +48,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from conslu.speculative import DRAFT_LEN
+
 BENCH_MAX_NEW = 64
-DRAFT_LEN = 8
 KEYS = ("constrained_overhead", "constrained_overhead_b1", "constrained_overhead_b16", "loss_overhead",
         "parse_vs_transcribe", "speculative_speedup", "decoder_passes_per_token", "speculative_identical")
 
@@ -238,39 +242,42 @@ def run_bench(slu: Any, utts: Sequence[Utterance], *, repeats: int, batch: int =
             out = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=f), **kw, **extra)
         return out if isinstance(out, torch.Tensor) else out.sequences
 
-    def loop(f: torch.Tensor, d: int, constrained: bool = True, sep: bool = False) -> tuple[list[list[int]], dict]:
+    def loop(f: torch.Tensor, d: int, constrained: bool = True, sep: bool = False,
+             lengths: list[int] | None = None) -> tuple[list[list[int]], dict]:
         return speculative_generate(model, f, tables, prefix, max_new_tokens=max_new, draft_len=d,
                                     constrained=constrained, prior=prior, stop_at_separator=sep,
-                                    encoder_outputs=(f,))
+                                    encoder_outputs=(f,), exact_lengths=lengths)
+
+    def same_work(f: torch.Tensor) -> list[int]:
+        """Generated lengths of the constrained run: the unconstrained baseline does that many steps."""
+        return [len(r) - P for r in loop(f, 0)[0]]
 
     per_utt: list[dict] = []
     tot = {k: 0.0 for k in ("gen_u", "gen_c", "loop_u", "plain", "spec", "transcribe")}
-    cnt = {"gen_u": 0, "gen_c": 0, "loop_u": 0, "loop_c": 0}
+    cnt = {"gen_u": 0, "gen_c": 0, "loop_c": 0}
     sums = {"plain_lf": 0.0, "spec_lf": 0.0, "lf_passes": 0, "lf_tokens": 0, "passes": 0, "tokens": 0,
             "compact_rows": 0, "compact_cols": 0, "near_ties": 0}
     identical = 0
     n_checked = 0
     for i, u in enumerate(utts):
         f = enc_all[i : i + 1]
+        lens = same_work(f)
         t, o = interleaved({"gen_u": lambda: gen(f, False), "gen_c": lambda: gen(f, True),
-                            "loop_u": lambda: loop(f, 0, constrained=False), "plain": lambda: loop(f, 0),
+                            "loop_u": lambda: loop(f, 0, constrained=False, lengths=lens), "plain": lambda: loop(f, 0),
                             "spec": lambda: loop(f, draft_len), "transcribe": lambda: loop(f, 0, constrained=False, sep=True)},
                            device, repeats)
         out_u, out_c = o["gen_u"], o["gen_c"]
-        (su, _), (sp, st_p), (ss, st_s) = o["loop_u"], o["plain"], o["spec"]
+        (sp, st_p), (ss, st_s) = o["plain"], o["spec"]
         ref = _strip(out_c[0].tolist(), prefix, eos, pad)
         same = _strip(ss[0], prefix, eos, pad) == ref and _strip(sp[0], prefix, eos, pad) == ref
-        same_u = _strip(su[0], prefix, eos, pad) == _strip(out_u[0].tolist(), prefix, eos, pad)
         identical += int(same)
         n_checked += 1
         nu = len(_strip(out_u[0].tolist(), prefix, eos, pad)) + 1
-        nlu = len(_strip(su[0], prefix, eos, pad)) + 1
         nc = len(ref) + 1
         for k in tot:
             tot[k] += t[k]
         cnt["gen_u"] += nu
         cnt["gen_c"] += nc
-        cnt["loop_u"] += nlu
         cnt["loop_c"] += nc
         sums["plain_lf"] += st_p["lf_seconds"]
         sums["spec_lf"] += st_s["lf_seconds"]
@@ -281,16 +288,16 @@ def run_bench(slu: Any, utts: Sequence[Utterance], *, repeats: int, batch: int =
         per_utt.append({"transcript": u.transcript, "words": len(u.transcript.split()), "tokens": nc,
                         "unconstrained_s": t["gen_u"], "constrained_s": t["gen_c"], "unconstrained_loop_s": t["loop_u"],
                         "constrained_loop_s": t["plain"], "speculative_s": t["spec"], "transcribe_s": t["transcribe"],
-                        "output": tok.text(ss[0]), "identical": same, "unconstrained_loop_identical": same_u})
+                        "output": tok.text(ss[0]), "identical": same})
     # batch 16: the utterances repeated
     reps = (batch + len(utts) - 1) // len(utts)
     fb = enc_all.repeat(reps, 1, 1)[:batch]
+    lens_b = same_work(fb)
     tb, ob = interleaved({"gen_u": lambda: gen(fb, False), "gen_c": lambda: gen(fb, True),
-                          "loop_u": lambda: loop(fb, 0, constrained=False), "plain": lambda: loop(fb, 0),
+                          "loop_u": lambda: loop(fb, 0, constrained=False, lengths=lens_b), "plain": lambda: loop(fb, 0),
                           "spec": lambda: loop(fb, draft_len)}, device, max(1, repeats // 2))
-    out_bu, out_bc, (sbu, _), (sbs, st_bs) = ob["gen_u"], ob["gen_c"], ob["loop_u"], ob["spec"]
+    out_bu, out_bc, (sbs, st_bs) = ob["gen_u"], ob["gen_c"], ob["spec"]
     nbu = sum(len(_strip(r.tolist(), prefix, eos, pad)) + 1 for r in out_bu)
-    nblu = sum(len(_strip(r, prefix, eos, pad)) + 1 for r in sbu)
     refs_b = [_strip(r.tolist(), prefix, eos, pad) for r in out_bc]
     nbc = sum(len(r) + 1 for r in refs_b)
     same_b = [_strip(s, prefix, eos, pad) == r for s, r in zip(sbs, refs_b)]
@@ -299,8 +306,9 @@ def run_bench(slu: Any, utts: Sequence[Utterance], *, repeats: int, batch: int =
     n_checked += len(same_b)
     per_tok = lambda secs, n: secs / max(n, 1)  # noqa: E731
     loss = loss_bench(slu, utts, feats, repeats=repeats, full_model=loss_full_model)
-    b1 = per_tok(tot["plain"], cnt["loop_c"]) / per_tok(tot["loop_u"], cnt["loop_u"])
-    b16 = per_tok(tb["plain"], nbc) / per_tok(tb["loop_u"], nblu)
+    costs = pass_costs(model, enc_all[:1], prefix, repeats=5 if repeats == 1 else 20)
+    b1 = tot["plain"] / tot["loop_u"]  # the same steps: the cost of the constraints alone
+    b16 = tb["plain"] / tb["loop_u"]
     g1 = per_tok(tot["gen_c"], cnt["gen_c"]) / per_tok(tot["gen_u"], cnt["gen_u"])
     g16 = per_tok(tb["gen_c"], nbc) / per_tok(tb["gen_u"], nbu)
     res = {
@@ -338,8 +346,42 @@ def run_bench(slu: Any, utts: Sequence[Utterance], *, repeats: int, batch: int =
                     "loop_speculative_b16": tb["spec"],
                     **{k: v for k, v in loss.items() if k.endswith("_s")}},
         "per_utterance": per_utt,
+        "profile_ms": costs,
+        "lf_ms_per_pass": {"constrained": 1e3 * sums["plain_lf"] / max(sums["lf_tokens"], 1),
+                           "speculative": 1e3 * sums["spec_lf"] / max(sums["lf_passes"], 1)},
     }
     return res
+
+
+def pass_costs(model: Any, enc: torch.Tensor, prefix: Sequence[int], ks: Sequence[int] = (1, 2, 4, 6, 9),
+               repeats: int = 20) -> dict[str, float]:
+    """Where decoding time goes: milliseconds of one decoder pass over k new tokens (KV cache of 20
+    positions, batch 1, decoder body only) for each k, and of the output projection of one position
+    over the full vocabulary and over 8 candidate columns. A speculative pass over 1 + draft tokens
+    is cheaper than that many plain passes only as far as ``pass_ms_k`` grows slower than k."""
+    device = enc.device
+    dec = model.get_decoder()
+    weight = model.get_output_embeddings().weight
+    ids = torch.tensor([list(prefix) + [220] * (20 - len(prefix))], device=device)
+    out: dict[str, float] = {}
+    with torch.inference_mode():
+        cache = dec(input_ids=ids, encoder_hidden_states=enc, use_cache=True).past_key_values
+        L = ids.shape[1]
+        for k in ks:
+            q = torch.full((1, k), 220, device=device)
+            pos = torch.arange(L, L + k, device=device)[None]
+
+            def step() -> None:
+                dec(input_ids=q, encoder_hidden_states=enc, past_key_values=cache, position_ids=pos, use_cache=True)
+                cache.crop(-k)
+
+            out[f"pass_ms_{k}"] = timed(step, device, repeats)[0] * 1e3
+        h = torch.randn(1, weight.shape[1], device=device, dtype=weight.dtype)
+        cols = torch.arange(8, device=device)
+        out["projection_full_ms"] = timed(lambda: torch.nn.functional.linear(h, weight), device, repeats)[0] * 1e3
+        out["projection_compact_ms"] = timed(lambda: torch.nn.functional.linear(h, weight.index_select(0, cols)),
+                                             device, repeats)[0] * 1e3
+    return out
 
 
 def loss_bench(slu: Any, utts: Sequence[Utterance], feats: torch.Tensor, *, repeats: int, full_model: bool) -> dict:
@@ -394,7 +436,9 @@ def loss_bench(slu: Any, utts: Sequence[Utterance], feats: torch.Tensor, *, repe
 
 # -- output -------------------------------------------------------------------------------------
 def plot(res: dict, path: Path) -> None:
-    """Decode time (batch 1) against utterance length for the three decoders; written atomically."""
+    """Decode time (batch 1) against utterance length for the three decoders (and constrained
+    ``model.generate``); written atomically. Unconstrained ``model.generate`` is left out: a model
+    trained with the constrained loss runs to the length limit there, which says nothing about cost."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -404,11 +448,9 @@ def plot(res: dict, path: Path) -> None:
     x = [r["tokens"] for r in rows]
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
     if all("unconstrained_loop_s" in r for r in rows):
-        ax.plot(x, [r["unconstrained_loop_s"] * 1e3 for r in rows], "o-", label="unconstrained (greedy loop)")
+        ax.plot(x, [r["unconstrained_loop_s"] * 1e3 for r in rows], "o-", label="unconstrained (greedy loop, same steps)")
         ax.plot(x, [r["constrained_loop_s"] * 1e3 for r in rows], "s-", label="constrained (greedy loop)")
     ax.plot(x, [r["speculative_s"] * 1e3 for r in rows], "^-", label="constrained + speculative")
-    ax.plot(x, [r["unconstrained_s"] * 1e3 for r in rows], "o:", color="grey", alpha=0.7,
-            label="unconstrained (HF generate)")
     ax.plot(x, [r["constrained_s"] * 1e3 for r in rows], "s:", color="black", alpha=0.7,
             label="constrained (HF generate + LogitsProcessor)")
     ax.set_xlabel("output length (tokens: transcript | logical form)")
@@ -456,6 +498,9 @@ def table(res: dict) -> str:
             ok = "  ok" if good else "  MISSED"
         lines.append(f"{k:34s} {v:8.3f}  {t}{ok}")
     lines.append("seconds: " + ", ".join(f"{k}={v:.3f}" for k, v in res["seconds"].items() if isinstance(v, float)))
+    if "profile_ms" in res:
+        lines.append("profile (ms): " + ", ".join(f"{k}={v:.2f}" for k, v in res["profile_ms"].items())
+                     + ", logical-form pass: " + ", ".join(f"{k}={v:.2f}" for k, v in res["lf_ms_per_pass"].items()))
     return "\n".join(lines)
 
 
@@ -466,6 +511,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("conslu bench: error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            print(f"conslu bench: error: --threads must be >= 1, got {threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(threads)
     n_utts, repeats, ft_steps = (2, 1, 20) if quick else (8, 3, 60)
     t_start = time.perf_counter()
     try:

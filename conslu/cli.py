@@ -114,6 +114,8 @@ def _configure(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--json", action="store_true")
         p.add_argument("--plot", default=None, help="write a PNG of decode time against utterance length")
         p.add_argument("--quick", action="store_true")
+        p.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (default: torch's choice; 1 is steadier on a shared machine)")
 
 
 def _handler(target: str) -> Callable[[argparse.Namespace], int]:

@@ -34,7 +34,6 @@ FORMAT_VERSION = 1
 CONSTRAINTS = ("both", "loss", "decoding", "none")
 TARGET_FORMATS = ("simplified", "whislu")
 DEFAULT_MAX_NEW_TOKENS = 256
-SPECULATIVE_TOKENS = 10
 
 
 class ModelFolderError(ValueError):
@@ -353,13 +352,13 @@ class ConSLU:
 
     def _speculative(self, input_features: Tensor, max_new: int, constrained: bool) -> Tensor:
         """Batched copy-speculative greedy decoding (token-identical to constrained greedy ``generate``)."""
-        from conslu.speculative import label_prior, speculative_generate
+        from conslu.speculative import DRAFT_LEN, label_prior, speculative_generate
 
         tables = self.tables.to(input_features.device)
         if getattr(self, "_prior", None) is None:
             self._prior = label_prior(self.tokenizer, tables)
         rows, _ = speculative_generate(self.model, input_features, tables, self.tokenizer.prefix_ids,
-                                       max_new_tokens=max_new, draft_len=SPECULATIVE_TOKENS,
+                                       max_new_tokens=max_new, draft_len=DRAFT_LEN,
                                        constrained=constrained, prior=self._prior)
         width = max(len(r) for r in rows)
         out = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)

@@ -1,7 +1,8 @@
 """Copy-speculative greedy decoding: draft the predictable logical-form tokens, verify them in one pass.
 
 After "|" most of a ConSLU output is predictable from what is already decoded: "[" after "|",
-the grammar's most frequent label under the open parent after "[", the transcript tokens after
+after "[" a label of the grammar (``LabelDrafter``: one whose name words occur in the transcript,
+else the most frequent under the open parent), the transcript tokens after
 the copy pointer inside a slot, "]" once the transcript is used up, <|endoftext|> when the tree
 closes. ``speculative_generate`` runs its own batched greedy loop over a
 ``WhisperForConditionalGeneration`` (encoder once, decoder with the KV cache): at every step it
@@ -27,7 +28,7 @@ minimum over rows would throw away most of the gain once rows drift apart).
 from __future__ import annotations
 
 import time
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -38,30 +39,88 @@ from conslu.constraints import BODY, DONE, LABEL, OPEN, TRANSCRIPT, State, Table
 if TYPE_CHECKING:  # pragma: no cover
     from conslu.tokenizer import SLUTokenizer
 
+DRAFT_LEN = 8  # most drafted tokens per pass (6-10 are within a few % of each other on the demo outputs)
 
-def label_prior(tokenizer: "SLUTokenizer", tables: Tables) -> Tensor:
-    """[n_parents] long: the most frequent child label token under each parent (-1: none).
 
-    From the grammar's training counts; without counts, the first allowed label. Used as the draft
-    after "[" (a wrong guess only costs one rejected draft position).
+@dataclass
+class LabelDrafter:
+    """Label drafts after "[": the most frequent child under the open parent (grammar training counts),
+    preferring labels whose name words occur in the row's transcript ("set an alarm" -> IN:*_ALARM,
+    then the most frequent of those: IN:CREATE_ALARM). A wrong guess costs the draft after it.
+
+    On the demo eval outputs the intent guess is right for 70 of 90 utterances, against 31 for
+    the most frequent intent alone.
     """
+
+    token_ids: Tensor  # [n_labels] label token ids; label i is parent index i + 1
+    score: Tensor  # [n_parents, n_labels] float: training count of the child under the parent, -inf if not allowed
+    name_tokens: Tensor  # [n_labels, W] token ids of the label's name words (and plurals), -1 padding
+
+    def to(self, device: Any) -> "LabelDrafter":
+        return LabelDrafter(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+    def hits(self, seq: Tensor, tlen: Tensor) -> Tensor:
+        """[N, n_labels] long: how many of each label's name tokens occur in the row's transcript."""
+        N, L = seq.shape
+        V = int(max(int(self.name_tokens.max()) + 1, 1))
+        present = torch.zeros(N, V + 1, dtype=torch.bool, device=seq.device)
+        if L:
+            pos = torch.arange(L, device=seq.device)
+            cols = torch.where((pos[None] < tlen[:, None]) & (seq < V) & (seq >= 0), seq, V)
+            present.scatter_(1, cols, True)
+        names = torch.where(self.name_tokens >= 0, self.name_tokens, V)  # padding -> the always-False column
+        present[:, V] = False
+        return present[:, names].sum(-1)  # [N, n_labels, W] -> [N, n_labels]
+
+    def draft(self, top: Tensor, hits: Tensor) -> tuple[Tensor, Tensor]:
+        """(label token [N], usable [N]) for rows whose open parent is ``top``."""
+        score = self.score[top] + hits.to(self.score.dtype) * 1e9
+        best = score.argmax(1)
+        return self.token_ids[best], torch.isfinite(score.gather(1, best[:, None]).squeeze(1))
+
+
+def label_prior(tokenizer: "SLUTokenizer", tables: Tables) -> LabelDrafter:
+    """The ``LabelDrafter`` of a tokenizer's grammar (counts from the grammar; without counts, every
+    allowed label counts 1, so the first allowed one wins ties)."""
     grammar = tokenizer.grammar
     counts: dict[str, dict[str, int]] = getattr(grammar, "counts", None) or {}
-    parents = ["ROOT"] + list(tables.labels)
-    out = torch.full((len(parents),), -1, dtype=torch.long)
+    labels = list(tables.labels)
+    parents = ["ROOT"] + labels
     allowed = tables.grammar_mask.cpu()
+    token_ids = torch.tensor([tokenizer.label_ids[lab] for lab in labels], dtype=torch.long)
+    score = torch.full((len(parents), len(labels)), float("-inf"))
     for p, name in enumerate(parents):
-        ok = [(n, c) for c, n in (counts.get(name) or {}).items() if c in tokenizer.label_ids
-              and bool(allowed[p, tokenizer.label_ids[c]])]
-        if ok:
-            out[p] = tokenizer.label_ids[max(ok)[1]]
-        elif bool(allowed[p].any()):
-            out[p] = int(allowed[p].to(torch.uint8).argmax())
-    return out.to(tables.device)
+        seen = counts.get(name) or {}
+        for i, lab in enumerate(labels):
+            if bool(allowed[p, token_ids[i]]):
+                score[p, i] = float(seen.get(lab, 0)) + 1.0
+    names: list[list[int]] = []
+    for lab in labels:
+        ids: list[int] = []
+        for word in lab.split(":", 1)[-1].lower().split("_"):
+            for form in (word, word + "s"):
+                piece = tokenizer.word_ids(form) if form else []
+                if len(piece) == 1 and piece[0] < tables.vocab_size and piece[0] not in ids:
+                    ids.append(piece[0])
+        names.append(ids)
+    width = max([len(x) for x in names] + [1])
+    name_tokens = torch.full((len(labels), width), -1, dtype=torch.long)
+    for i, ids in enumerate(names):
+        name_tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return LabelDrafter(token_ids, score, name_tokens).to(tables.device)
 
 
-def _draft_step(state: State, seq: Tensor, tables: Tables, prior: Tensor | None) -> tuple[Tensor, Tensor]:
-    """One drafted token per row from its state: (token [N], usable [N] bool)."""
+def _draft_step(state: State, seq: Tensor, tables: Tables, prior: LabelDrafter | None,
+                last: Tensor, hits: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One drafted token per row from its state and its previous token ``last``: (token [N], usable [N] bool).
+    ``hits``: ``prior.hits`` of the rows (computed once per pass).
+
+    Not drafted (the draft ends there and the verifying pass decides): the first word of a slot.
+    Where a slot starts in the transcript is the least predictable decision of the tree (words
+    outside slots are skipped), and a wrong guess there would waste every drafted token after it;
+    on a 2-core CPU a pass over 1 + k tokens costs ~1.3-2x a pass over one, so drafting only what
+    is likely to be accepted pays (measured on the demo eval outputs: 1.41 vs 1.17 modelled speed-up).
+    """
     phase, top, ptr, tlen = state.phase, state.top, state.ptr, state.tlen
     L = seq.shape[1]
     nxt_pos = ptr + 1
@@ -74,14 +133,15 @@ def _draft_step(state: State, seq: Tensor, tables: Tables, prior: Tensor | None)
     tok = torch.where(phase == OPEN, tables.open_id, tok)
     ok |= phase == OPEN
     if prior is not None:
-        lab = prior[top]
-        tok = torch.where((phase == LABEL) & (lab >= 0), lab, tok)
-        ok |= (phase == LABEL) & (lab >= 0)
+        lab, lab_ok = prior.draft(top, prior.hits(seq, tlen) if hits is None else hits)
+        tok = torch.where((phase == LABEL) & lab_ok, lab, tok)
+        ok |= (phase == LABEL) & lab_ok
     # inside a slot: continue copying the transcript, close it when the transcript is used up
     tok = torch.where(in_body & slot, torch.where(has_next, nxt, tables.close_id), tok)
+    slot_start = in_body & slot & (tables.label_parent[last.clamp(0, tables.vocab_size - 1)] >= 0)
     # inside an intent (decoupled trees have no words there): another slot if words remain, else close
     tok = torch.where(in_body & ~slot, torch.where(has_next, tables.open_id, tables.close_id), tok)
-    ok |= in_body
+    ok |= in_body & ~slot_start
     tok = torch.where(phase == DONE, tables.eos_id, tok)
     ok |= phase == DONE
     return tok, ok
@@ -204,10 +264,11 @@ def _select(hidden: Tensor | None, logits: Tensor | None, weight: Tensor | None,
 
 @torch.inference_mode()
 def speculative_generate(model: Any, input_features: Tensor, tables: Tables, prefix_ids: Sequence[int], *,
-                         max_new_tokens: int, draft_len: int = 8, constrained: bool = True,
-                         prior: Tensor | None = None, suppress: bool = True,
+                         max_new_tokens: int, draft_len: int = DRAFT_LEN, constrained: bool = True,
+                         prior: LabelDrafter | None = None, suppress: bool = True,
                          encoder_outputs: Any = None, stop_at_separator: bool = False,
-                         project: bool | None = None) -> tuple[list[list[int]], dict]:
+                         project: bool | None = None,
+                         exact_lengths: Sequence[int] | None = None) -> tuple[list[list[int]], dict]:
     """Greedy decoding with copy-speculative drafts (``draft_len=0``: plain greedy in the same loop).
 
     Returns (sequences, stats): each sequence is ``prefix_ids`` + the generated tokens, ending with
@@ -218,7 +279,9 @@ def speculative_generate(model: Any, input_features: Tensor, tables: Tables, pre
     ``max_length = len(prefix_ids) + max_new_tokens``); ``suppress``: apply the model's Whisper
     ``suppress_tokens`` / ``begin_suppress_tokens`` (as ``model.generate`` does); ``prior``: the
     label drafts (``label_prior``), none drafted when None; ``stop_at_separator``: a row also
-    finishes at "|" (transcript-only decoding, for timing). ``stats["lf_seconds"]``: wall time from
+    finishes at "|" (transcript-only decoding, for timing); ``exact_lengths``: row i
+    generates exactly ``exact_lengths[i]`` tokens and <|endoftext|> does not stop it (benchmarks:
+    unconstrained decoding doing the same work, pass for pass, as a constrained run). ``stats["lf_seconds"]``: wall time from
     the first pass in which a row is past "|" to the end (the logical-form part, exact for batch 1).
     """
     device = input_features.device if encoder_outputs is None else next(model.parameters()).device
@@ -244,6 +307,11 @@ def speculative_generate(model: Any, input_features: Tensor, tables: Tables, pre
     sup_t = torch.tensor([t for t in sup if 0 <= t < V], dtype=torch.long, device=device)
     begin_t = torch.tensor([t for t in begin if 0 <= t < V], dtype=torch.long, device=device)
 
+    row_max = torch.full((B,), max_len, dtype=torch.long, device=device)
+    if exact_lengths is not None:
+        if len(exact_lengths) != B or min(exact_lengths) < 1 or max(exact_lengths) > max_new_tokens:
+            raise ValueError(f"exact_lengths must be {B} values in 1..{max_new_tokens}")
+        row_max = torch.tensor([P + int(x) for x in exact_lengths], dtype=torch.long, device=device)
     ids = torch.full((B, max_len + k + 1), pad, dtype=torch.long, device=device)
     ids[:, :P] = torch.tensor(list(prefix_ids), dtype=torch.long, device=device)
     n = torch.full((B,), P, dtype=torch.long, device=device)  # committed tokens per row
@@ -262,18 +330,21 @@ def speculative_generate(model: Any, input_features: Tensor, tables: Tables, pre
         drafts: list[Tensor] = []
         dvalid: list[Tensor] = []
         if not first and k:
-            room = (max_len - n - 1).clamp(min=0)
+            room = (row_max - n - 1).clamp(min=0)
             live = ~done & (state.phase != TRANSCRIPT)
             if bool(live.any()):
                 s = state
+                last = ids.gather(1, (n - 1)[:, None]).squeeze(1)
+                hits = prior.hits(seq, state.tlen) if prior is not None else None
                 for j in range(1, k + 1):
-                    tok, ok = _draft_step(s, seq, tables, prior)
+                    tok, ok = _draft_step(s, seq, tables, prior, last, hits)
                     ok = ok & live & (j <= room)
                     if dvalid:
                         ok = ok & dvalid[-1]
                     if not bool(ok.any()):
                         break
                     s = advance(s, tok, seq, tables)
+                    last = tok
                     drafts.append(torch.where(ok, tok, pad))
                     dvalid.append(ok)
                     states.append(s)
@@ -327,9 +398,10 @@ def speculative_generate(model: Any, input_features: Tensor, tables: Tables, pre
         j = torch.arange(K, device=device)[None]
         take = (j <= m[:, None]) & ~done[:, None]
         is_eos = ((g == eos) | ((g == tables.sep_id) if stop_at_separator else False)) & take
-        eos_at = torch.where(is_eos.any(1), is_eos.to(torch.uint8).argmax(1), K)
-        take &= j <= eos_at[:, None]
-        take &= (n[:, None] + j) < max_len
+        if exact_lengths is None:
+            eos_at = torch.where(is_eos.any(1), is_eos.to(torch.uint8).argmax(1), K)
+            take &= j <= eos_at[:, None]
+        take &= (n[:, None] + j) < row_max[:, None]
         cnt = take.sum(1)
         stats["accepted"] += int((cnt - 1).clamp(min=0).sum())
         stats["tokens"] += int(cnt.sum())
@@ -350,7 +422,9 @@ def speculative_generate(model: Any, input_features: Tensor, tables: Tables, pre
         stop = g == eos
         if stop_at_separator:
             stop |= g == tables.sep_id
-        done = done | (take & stop).any(1) | (n >= max_len)
+        if exact_lengths is not None:
+            stop = torch.zeros_like(stop)
+        done = done | (take & stop).any(1) | (n >= row_max)
         # KV cache: slots of the pending token and accepted drafts stay; the rest become holes,
         # and trailing slots that no row needs are cropped.
         if first:

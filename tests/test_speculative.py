@@ -139,7 +139,7 @@ def test_draft_rules_follow_the_copy_order():
     phases = []
     for i, x in enumerate(target[:-1]):
         state = advance(state, torch.tensor([x]), seq, tab)
-        d, ok = _draft_step(state, seq, tab, prior)
+        d, ok = _draft_step(state, seq, tab, prior, torch.tensor([x]))
         phases.append(int(state.phase))
         nxt = target[i + 1]
         if int(state.phase) == OPEN:
@@ -148,9 +148,34 @@ def test_draft_rules_follow_the_copy_order():
             assert int(d) == tok.eos_token_id
         if int(state.phase) == BODY and i > 0 and target[i] < tok.eos_token_id and nxt < tok.eos_token_id:
             assert int(d) == nxt  # inside a span: the next transcript token
+        if int(state.phase) == BODY and x in tok.label_ids.values() and x != tok.label_ids.get(lf.split()[0][1:]):
+            assert not bool(ok)  # where a slot starts is left to the model
     assert LABEL in phases and BODY in phases
-    # the prior drafts an allowed label under ROOT
-    assert bool(tab.grammar_mask[0, int(prior[0])])
+    # the drafter proposes an allowed label under ROOT, preferring one named in the transcript
+    root = init_state(1, tab)
+    lab, ok = prior.draft(root.top, prior.hits(seq, torch.tensor([len(t.split())])))
+    assert bool(ok) and bool(tab.grammar_mask[0, int(lab)])
+
+
+def test_label_drafter_prefers_labels_named_in_the_transcript():
+    tok, tab = slu_tokenizer(), tables()
+    drafter = label_prior(tok, tab)
+    intents = [lab for lab in tok.label_tokens if lab.startswith("IN:") and bool(tab.grammar_mask[0, tok.label_ids[lab]])]
+    for lab in intents:
+        word = lab.split(":")[1].split("_")[-1].lower()
+        if len(tok.word_ids(word)) != 1:
+            continue  # multi-piece name words are not used
+        seq = torch.tensor([tok.text_ids(f"please {word} now")])
+        hits = drafter.hits(seq, torch.tensor([seq.shape[1]]))
+        got, ok = drafter.draft(torch.tensor([0]), hits)
+        named = tok.id_to_label[int(got)]
+        assert bool(ok) and word in named.lower().split(":")[1].split("_"), (lab, named)
+    # nothing named: the most frequent intent under ROOT
+    seq = torch.tensor([tok.text_ids("please now")])
+    got, _ = drafter.draft(torch.tensor([0]), drafter.hits(seq, torch.tensor([seq.shape[1]])))
+    root = tok.grammar.counts.get("ROOT") or {}
+    if root:
+        assert tok.id_to_label[int(got)] == max(root, key=root.get)
 
 
 def test_rejects_too_long_budget():
@@ -158,3 +183,22 @@ def test_rejects_too_long_budget():
     with pytest.raises(ValueError, match="max_new_tokens"):
         speculative_generate(slu.model, torch.randn(1, 80, 3000), slu.tables, slu.tokenizer.prefix_ids,
                              max_new_tokens=1000)
+
+
+def test_exact_lengths_make_the_same_number_of_steps():
+    """The benchmark's same-work baseline: each row generates exactly its length, <|endoftext|> or not,
+    and the tokens are the ones plain unconstrained greedy decoding makes."""
+    t, lf = EXAMPLES[0]
+    slu = _oracle(3, [(t, lf), (t, lf)], skip_rate=0.0)
+    tok = slu.tokenizer
+    feats = torch.randn(2, 80, 3000)
+    free, _ = speculative_generate(slu.model, feats, slu.tables, tok.prefix_ids, max_new_tokens=40,
+                                   draft_len=0, constrained=False)
+    n = len(free[0]) - len(tok.prefix_ids)  # ends with <|endoftext|>
+    seqs, stats = speculative_generate(slu.model, feats, slu.tables, tok.prefix_ids, max_new_tokens=40,
+                                       draft_len=0, constrained=False, exact_lengths=[3, n + 4])
+    P = len(tok.prefix_ids)
+    assert [len(s) - P for s in seqs] == [3, n + 4] and stats["tokens"] == n + 7
+    assert seqs[0] == free[0][: P + 3] and seqs[1][: P + n] == free[1]
+    with pytest.raises(ValueError, match="exact_lengths"):
+        speculative_generate(slu.model, feats, slu.tables, tok.prefix_ids, max_new_tokens=40, exact_lengths=[0, 1])
