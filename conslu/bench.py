@@ -215,7 +215,7 @@ def _strip(ids: Sequence[int], prefix: Sequence[int], eos: int, pad: int) -> lis
 def run_bench(slu: Any, utts: Sequence[Utterance], *, repeats: int, batch: int = 16, draft_len: int = DRAFT_LEN,
               max_new: int = BENCH_MAX_NEW, loss_full_model: bool = True) -> dict:
     """All figures for one model and one set of utterances (see the module docstring)."""
-    from conslu.speculative import label_prior, speculative_generate
+    from conslu.speculative import default_draft_budget, label_prior, speculative_generate
 
     tok = slu.tokenizer
     tables = slu.tables
@@ -223,6 +223,7 @@ def run_bench(slu: Any, utts: Sequence[Utterance], *, repeats: int, batch: int =
     prefix = tok.prefix_ids
     eos, pad = tok.eos_token_id, tok.pad_token_id
     prior = label_prior(tok, tables)
+    budget = default_draft_budget(device)  # as ConSLU.generate decodes
     feats = slu.features([u.audio for u in utts])
     model = slu.model
     model.eval()
@@ -246,7 +247,7 @@ def run_bench(slu: Any, utts: Sequence[Utterance], *, repeats: int, batch: int =
              lengths: list[int] | None = None) -> tuple[list[list[int]], dict]:
         return speculative_generate(model, f, tables, prefix, max_new_tokens=max_new, draft_len=d,
                                     constrained=constrained, prior=prior, stop_at_separator=sep,
-                                    encoder_outputs=(f,), exact_lengths=lengths)
+                                    encoder_outputs=(f,), exact_lengths=lengths, draft_budget=budget)
 
     def same_work(f: torch.Tensor) -> list[int]:
         """Generated lengths of the constrained run: the unconstrained baseline does that many steps."""

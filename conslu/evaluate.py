@@ -37,7 +37,7 @@ from typing import Any
 
 from conslu.jsonl import JSONLError
 from conslu.parse import (DecodeError, Item, Reporter, SettingsMismatch, check_numbers, decode_settings, load_model,
-                          open_output, run_batches)
+                          open_output, report_decode_error, run_batches)
 
 __all__ = ["default_output", "cmd_evaluate"]
 
@@ -169,11 +169,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 report.outcome(oc)
         except DecodeError as e:
             report.close()
-            if args.debug:
-                traceback.print_exception(e.__cause__ or e)
-            print(f"conslu: {e}", file=sys.stderr)
-            print(f"conslu: {writer.written} predictions written to {out}; run again to resume", file=sys.stderr)
-            return 1
+            return report_decode_error(e, args.debug, writer.written, out, "predictions")
         finally:
             report.close()
         wanted = {str(r["id"]) for r in rows}

@@ -352,14 +352,15 @@ class ConSLU:
 
     def _speculative(self, input_features: Tensor, max_new: int, constrained: bool) -> Tensor:
         """Batched copy-speculative greedy decoding (token-identical to constrained greedy ``generate``)."""
-        from conslu.speculative import DRAFT_LEN, label_prior, speculative_generate
+        from conslu.speculative import DRAFT_LEN, default_draft_budget, label_prior, speculative_generate
 
         tables = self.tables.to(input_features.device)
         if getattr(self, "_prior", None) is None:
             self._prior = label_prior(self.tokenizer, tables)
         rows, _ = speculative_generate(self.model, input_features, tables, self.tokenizer.prefix_ids,
                                        max_new_tokens=max_new, draft_len=DRAFT_LEN,
-                                       constrained=constrained, prior=self._prior)
+                                       constrained=constrained, prior=self._prior,
+                                       draft_budget=default_draft_budget(input_features.device))
         width = max(len(r) for r in rows)
         out = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
         for i, r in enumerate(rows):

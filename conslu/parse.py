@@ -48,7 +48,7 @@ import numpy as np
 
 from conslu.jsonl import JSONLError, ResumableWriter, atomic_write_json, dumps
 
-__all__ = ["Item", "Outcome", "DecodeError", "run_batches", "parse_kwargs", "load_model", "model_fingerprint",
+__all__ = ["Item", "Outcome", "DecodeError", "report_decode_error", "run_batches", "parse_kwargs", "load_model", "model_fingerprint",
            "open_output", "Reporter", "cmd_parse"]
 
 PROGRESS_MIN_FILES = 5  # show a progress bar from this many files on
@@ -83,6 +83,17 @@ class Outcome:
 
 class DecodeError(RuntimeError):
     """The model failed on a batch (not a bad input file): the run stops; results so far are kept."""
+
+
+def report_decode_error(e: DecodeError, debug: bool, written: int | None, out: Any, what: str) -> int:
+    """Report a decoding failure on stderr (with the traceback under ``--debug``) and what was kept;
+    returns the exit code 1."""
+    if debug:
+        traceback.print_exception(e.__cause__ or e)
+    print(f"conslu: {e}", file=sys.stderr)
+    if written is not None:
+        print(f"conslu: {written} {what} written to {out}; run again to resume", file=sys.stderr)
+    return 1
 
 
 def _default_loader(path: str) -> np.ndarray:
@@ -401,12 +412,7 @@ def cmd_parse(args: argparse.Namespace) -> int:
                 report.outcome(oc)
         except DecodeError as e:
             report.close()
-            if args.debug:
-                traceback.print_exception(e.__cause__ or e)
-            print(f"conslu: {e}", file=sys.stderr)
-            if writer is not None:
-                print(f"conslu: {writer.written} results written to {args.out}; run again to resume", file=sys.stderr)
-            return 1
+            return report_decode_error(e, args.debug, None if writer is None else writer.written, args.out, "results")
         finally:
             report.close()
         if writer is not None:

@@ -28,7 +28,7 @@ minimum over rows would throw away most of the gain once rows drift apart).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -40,6 +40,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from conslu.tokenizer import SLUTokenizer
 
 DRAFT_LEN = 8  # most drafted tokens per pass (6-10 are within a few % of each other on the demo outputs)
+# On a CPU a pass is compute-bound once batch x positions grows: drafts per row are capped at
+# CPU_DRAFT_BUDGET // batch (at least 1). Measured on 2 cores with tiny.en (whole decode, vs no
+# drafts): batch 16 with 8 drafts 0.95x, with 1 draft 1.02x; batch 8 with 2 drafts 0.99x; batch 4
+# with 4 drafts 1.13x; batch 2 with 8 drafts 1.17x.
+CPU_DRAFT_BUDGET = 16
+
+
+def default_draft_budget(device: Any) -> int | None:
+    """The ``draft_budget`` for decoding on ``device``: ``CPU_DRAFT_BUDGET`` on CPU, none on GPU."""
+    return CPU_DRAFT_BUDGET if torch.device(device).type == "cpu" else None
 
 
 @dataclass
@@ -111,9 +121,12 @@ def label_prior(tokenizer: "SLUTokenizer", tables: Tables) -> LabelDrafter:
 
 
 def _draft_step(state: State, seq: Tensor, tables: Tables, prior: LabelDrafter | None,
-                last: Tensor, hits: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """One drafted token per row from its state and its previous token ``last``: (token [N], usable [N] bool).
-    ``hits``: ``prior.hits`` of the rows (computed once per pass).
+                last: Tensor, hits: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """One drafted token per row from its state and its previous token ``last``: (token [N], usable
+    [N] bool, copy [N] bool). ``copy``: the token is the transcript token right after the copy
+    pointer inside a slot, so the state after it is the same with ``ptr + 1`` (what ``advance``
+    computes for it, without running the whole state machine). ``hits``: ``prior.hits`` of the rows
+    (computed once per pass).
 
     Not drafted (the draft ends there and the verifying pass decides): the first word of a slot.
     Where a slot starts in the transcript is the least predictable decision of the tree (words
@@ -144,7 +157,7 @@ def _draft_step(state: State, seq: Tensor, tables: Tables, prior: LabelDrafter |
     ok |= in_body & ~slot_start
     tok = torch.where(phase == DONE, tables.eos_id, tok)
     ok |= phase == DONE
-    return tok, ok
+    return tok, ok, in_body & slot & has_next & ~slot_start
 
 
 def _stack_states(states: list[State]) -> State:
@@ -268,20 +281,23 @@ def speculative_generate(model: Any, input_features: Tensor, tables: Tables, pre
                          prior: LabelDrafter | None = None, suppress: bool = True,
                          encoder_outputs: Any = None, stop_at_separator: bool = False,
                          project: bool | None = None,
-                         exact_lengths: Sequence[int] | None = None) -> tuple[list[list[int]], dict]:
+                         exact_lengths: Sequence[int] | None = None,
+                         draft_budget: int | None = None) -> tuple[list[list[int]], dict]:
     """Greedy decoding with copy-speculative drafts (``draft_len=0``: plain greedy in the same loop).
 
     Returns (sequences, stats): each sequence is ``prefix_ids`` + the generated tokens, ending with
     <|endoftext|> when the row finished within ``max_new_tokens``; stats: ``decoder_passes``
     (decoder calls), ``tokens`` (generated tokens, all rows), ``drafted`` and ``accepted`` (draft
-    tokens proposed / kept), ``lf_passes`` and ``lf_tokens`` (the same after "|").
+    tokens proposed / kept), ``lf_passes`` and ``lf_tokens`` (the same after "|"), ``max_drafts`` (most drafts in one pass).
     ``constrained``: apply the ConSLU candidate sets (as ``GrammarLogitsProcessor`` with
     ``max_length = len(prefix_ids) + max_new_tokens``); ``suppress``: apply the model's Whisper
     ``suppress_tokens`` / ``begin_suppress_tokens`` (as ``model.generate`` does); ``prior``: the
     label drafts (``label_prior``), none drafted when None; ``stop_at_separator``: a row also
     finishes at "|" (transcript-only decoding, for timing); ``exact_lengths``: row i
     generates exactly ``exact_lengths[i]`` tokens and <|endoftext|> does not stop it (benchmarks:
-    unconstrained decoding doing the same work, pass for pass, as a constrained run). ``stats["lf_seconds"]``: wall time from
+    unconstrained decoding doing the same work, pass for pass, as a constrained run);
+    ``draft_budget``: at most ``max(1, draft_budget // batch)`` drafts per row and pass (see
+    ``CPU_DRAFT_BUDGET``; None: ``draft_len``). ``stats["lf_seconds"]``: wall time from
     the first pass in which a row is past "|" to the end (the logical-form part, exact for batch 1).
     """
     device = input_features.device if encoder_outputs is None else next(model.parameters()).device
@@ -295,6 +311,8 @@ def speculative_generate(model: Any, input_features: Tensor, tables: Tables, pre
     if max_len > limit:
         raise ValueError(f"prefix ({P}) + max_new_tokens ({max_new_tokens}) exceeds the decoder's {limit} positions")
     k = max(int(draft_len), 0)
+    if draft_budget is not None and k:
+        k = min(k, max(1, int(draft_budget) // B))
     V = tables.vocab_size
     eos, pad = tables.eos_id, tables.pad_id
     if encoder_outputs is None:
@@ -320,7 +338,7 @@ def speculative_generate(model: Any, input_features: Tensor, tables: Tables, pre
     keep = torch.ones(B, 0, dtype=torch.bool, device=device)  # valid KV-cache slots
     cache = None
     stats = {"decoder_passes": 0, "tokens": 0, "drafted": 0, "accepted": 0, "lf_passes": 0, "lf_tokens": 0,
-             "full_rows": 0, "compact_rows": 0, "compact_cols": 0, "near_ties": 0}
+             "full_rows": 0, "compact_rows": 0, "compact_cols": 0, "near_ties": 0, "max_drafts": 0}
     ar = torch.arange(B, device=device)
     first = True
     lf_start: float | None = None
@@ -337,18 +355,21 @@ def speculative_generate(model: Any, input_features: Tensor, tables: Tables, pre
                 last = ids.gather(1, (n - 1)[:, None]).squeeze(1)
                 hits = prior.hits(seq, state.tlen) if prior is not None else None
                 for j in range(1, k + 1):
-                    tok, ok = _draft_step(s, seq, tables, prior, last, hits)
+                    tok, ok, copy = _draft_step(s, seq, tables, prior, last, hits)
                     ok = ok & live & (j <= room)
                     if dvalid:
                         ok = ok & dvalid[-1]
-                    if not bool(ok.any()):
+                    any_ok, all_copy = torch.stack([ok.any(), (copy | ~ok).all()]).tolist()
+                    if not any_ok:
                         break
-                    s = advance(s, tok, seq, tables)
+                    # rows without a usable draft keep their state: nothing after it is used
+                    s = replace(s, ptr=torch.where(ok, s.ptr + 1, s.ptr)) if all_copy else advance(s, tok, seq, tables)
                     last = tok
                     drafts.append(torch.where(ok, tok, pad))
                     dvalid.append(ok)
                     states.append(s)
         K = 1 + len(drafts)
+        stats["max_drafts"] = max(stats["max_drafts"], K - 1)
         if lf_start is None and not first and bool((state.phase != TRANSCRIPT).any()):
             lf_start = time.perf_counter()
         if first:

@@ -139,7 +139,7 @@ def test_draft_rules_follow_the_copy_order():
     phases = []
     for i, x in enumerate(target[:-1]):
         state = advance(state, torch.tensor([x]), seq, tab)
-        d, ok = _draft_step(state, seq, tab, prior, torch.tensor([x]))
+        d, ok, copy = _draft_step(state, seq, tab, prior, torch.tensor([x]))
         phases.append(int(state.phase))
         nxt = target[i + 1]
         if int(state.phase) == OPEN:
@@ -148,6 +148,10 @@ def test_draft_rules_follow_the_copy_order():
             assert int(d) == tok.eos_token_id
         if int(state.phase) == BODY and i > 0 and target[i] < tok.eos_token_id and nxt < tok.eos_token_id:
             assert int(d) == nxt  # inside a span: the next transcript token
+            if bool(copy):  # the copy shortcut is the state machine's own transition
+                moved = advance(state, d.view(1), seq, tab)
+                assert [int(v) for v in (moved.phase, moved.ptr, moved.depth, moved.top)] == \
+                    [int(state.phase), int(state.ptr) + 1, int(state.depth), int(state.top)]
         if int(state.phase) == BODY and x in tok.label_ids.values() and x != tok.label_ids.get(lf.split()[0][1:]):
             assert not bool(ok)  # where a slot starts is left to the model
     assert LABEL in phases and BODY in phases
@@ -202,3 +206,25 @@ def test_exact_lengths_make_the_same_number_of_steps():
     assert seqs[0] == free[0][: P + 3] and seqs[1][: P + n] == free[1]
     with pytest.raises(ValueError, match="exact_lengths"):
         speculative_generate(slu.model, feats, slu.tables, tok.prefix_ids, max_new_tokens=40, exact_lengths=[0, 1])
+
+
+def test_draft_budget_caps_drafts_per_row_and_stays_identical():
+    pairs = EXAMPLES[:2] * 2
+    slu = _oracle(4, pairs)
+    tok = slu.tokenizer
+    feats = torch.randn(4, 80, 3000)
+    ref = slu.generate(feats, constrained=True, max_new_tokens=48)
+    seqs, stats = speculative_generate(slu.model, feats, slu.tables, tok.prefix_ids, max_new_tokens=48, draft_len=8,
+                                       prior=label_prior(tok, slu.tables), draft_budget=8)
+    for b in range(4):
+        assert _generated(seqs[b], tok) == _generated(ref[b].tolist(), tok)
+    assert stats["max_drafts"] == 2 and stats["accepted"] > 0  # 8 // 4 rows
+    _, free = speculative_generate(slu.model, feats, slu.tables, tok.prefix_ids, max_new_tokens=48, draft_len=8,
+                                   prior=label_prior(tok, slu.tables))
+    assert free["max_drafts"] > 2
+
+
+def test_default_draft_budget_is_cpu_only():
+    from conslu.speculative import CPU_DRAFT_BUDGET, default_draft_budget
+
+    assert default_draft_budget("cpu") == CPU_DRAFT_BUDGET and default_draft_budget("cuda") is None
