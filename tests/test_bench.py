@@ -44,10 +44,16 @@ def test_demo_examples_spread_over_lengths():
     assert all(lf.startswith("[IN:") for _, lf in ex)
 
 
+def test_bench_rejects_bad_threads():
+    r = subprocess.run([sys.executable, "-m", "conslu", "bench", "--threads", "0"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "--threads must be >= 1" in r.stderr
+
+
 @pytest.mark.slow
 def test_bench_quick_json_has_all_keys(tmp_path):
     png = tmp_path / "d.png"
-    r = subprocess.run([sys.executable, "-m", "conslu", "bench", "--quick", "--json", "--plot", str(png)],
+    r = subprocess.run([sys.executable, "-m", "conslu", "bench", "--quick", "--json", "--threads", "1", "--plot", str(png)],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
@@ -56,3 +62,5 @@ def test_bench_quick_json_has_all_keys(tmp_path):
     assert res["speculative_identical"] == 1.0
     assert 0 < res["decoder_passes_per_token"] <= 1.0
     assert png.is_file()
+    assert res["device"] == "cpu (1 threads)"
+    assert set(res["profile_ms"]) >= {"pass_ms_1", "pass_ms_9", "projection_full_ms", "projection_compact_ms"}
