@@ -55,11 +55,13 @@ def default_draft_budget(device: Any) -> int | None:
 @dataclass
 class LabelDrafter:
     """Label drafts after "[": the most frequent child under the open parent (grammar training counts),
-    preferring labels whose name words occur in the row's transcript ("set an alarm" -> IN:*_ALARM,
+    preferring intents whose name words occur in the row's transcript ("set an alarm" -> IN:*_ALARM,
     then the most frequent of those: IN:CREATE_ALARM). A wrong guess costs the draft after it.
 
     On the demo eval outputs the intent guess is right for 70 of 90 utterances, against 31 for
-    the most frequent intent alone.
+    the most frequent intent alone. Slot names mislead ("alarm" in the transcript is rarely
+    SL:ALARM_NAME), so slots use the counts only: 322 passes on those 90 logical forms, against 346
+    with slot names too.
     """
 
     token_ids: Tensor  # [n_labels] label token ids; label i is parent index i + 1
@@ -69,14 +71,18 @@ class LabelDrafter:
     def to(self, device: Any) -> "LabelDrafter":
         return LabelDrafter(*(getattr(self, f.name).to(device) for f in fields(self)))
 
-    def hits(self, seq: Tensor, tlen: Tensor) -> Tensor:
-        """[N, n_labels] long: how many of each label's name tokens occur in the row's transcript."""
+    def hits(self, seq: Tensor, tlen: Tensor, ptr: Tensor | None = None) -> Tensor:
+        """[N, n_labels] long: how many of each label's name tokens occur in the row's transcript
+        (after position ``ptr`` when given: the words not copied yet, where a next slot can be)."""
         N, L = seq.shape
         V = int(max(int(self.name_tokens.max()) + 1, 1))
         present = torch.zeros(N, V + 1, dtype=torch.bool, device=seq.device)
         if L:
             pos = torch.arange(L, device=seq.device)
-            cols = torch.where((pos[None] < tlen[:, None]) & (seq < V) & (seq >= 0), seq, V)
+            where = (pos[None] < tlen[:, None]) & (seq < V) & (seq >= 0)
+            if ptr is not None:
+                where &= pos[None] > ptr[:, None]
+            cols = torch.where(where, seq, V)
             present.scatter_(1, cols, True)
         names = torch.where(self.name_tokens >= 0, self.name_tokens, V)  # padding -> the always-False column
         present[:, V] = False
@@ -107,7 +113,7 @@ def label_prior(tokenizer: "SLUTokenizer", tables: Tables) -> LabelDrafter:
     names: list[list[int]] = []
     for lab in labels:
         ids: list[int] = []
-        for word in lab.split(":", 1)[-1].lower().split("_"):
+        for word in (lab.split(":", 1)[-1].lower().split("_") if lab.startswith("IN:") else ()):
             for form in (word, word + "s"):
                 piece = tokenizer.word_ids(form) if form else []
                 if len(piece) == 1 and piece[0] < tables.vocab_size and piece[0] not in ids:
@@ -146,7 +152,7 @@ def _draft_step(state: State, seq: Tensor, tables: Tables, prior: LabelDrafter |
     tok = torch.where(phase == OPEN, tables.open_id, tok)
     ok |= phase == OPEN
     if prior is not None:
-        lab, lab_ok = prior.draft(top, prior.hits(seq, tlen) if hits is None else hits)
+        lab, lab_ok = prior.draft(top, prior.hits(seq, tlen, ptr) if hits is None else hits)
         tok = torch.where((phase == LABEL) & lab_ok, lab, tok)
         ok |= (phase == LABEL) & lab_ok
     # inside a slot: continue copying the transcript, close it when the transcript is used up
@@ -288,7 +294,8 @@ def speculative_generate(model: Any, input_features: Tensor, tables: Tables, pre
     Returns (sequences, stats): each sequence is ``prefix_ids`` + the generated tokens, ending with
     <|endoftext|> when the row finished within ``max_new_tokens``; stats: ``decoder_passes``
     (decoder calls), ``tokens`` (generated tokens, all rows), ``drafted`` and ``accepted`` (draft
-    tokens proposed / kept), ``lf_passes`` and ``lf_tokens`` (the same after "|"), ``max_drafts`` (most drafts in one pass).
+    tokens proposed / kept), ``lf_passes`` and ``lf_tokens`` (the same after "|"), ``max_drafts`` (most drafts in one pass), ``forced_eos`` (rows
+    finished without a pass: once the tree closes, <|endoftext|> is the only candidate).
     ``constrained``: apply the ConSLU candidate sets (as ``GrammarLogitsProcessor`` with
     ``max_length = len(prefix_ids) + max_new_tokens``); ``suppress``: apply the model's Whisper
     ``suppress_tokens`` / ``begin_suppress_tokens`` (as ``model.generate`` does); ``prior``: the
@@ -338,7 +345,8 @@ def speculative_generate(model: Any, input_features: Tensor, tables: Tables, pre
     keep = torch.ones(B, 0, dtype=torch.bool, device=device)  # valid KV-cache slots
     cache = None
     stats = {"decoder_passes": 0, "tokens": 0, "drafted": 0, "accepted": 0, "lf_passes": 0, "lf_tokens": 0,
-             "full_rows": 0, "compact_rows": 0, "compact_cols": 0, "near_ties": 0, "max_drafts": 0}
+             "full_rows": 0, "compact_rows": 0, "compact_cols": 0, "near_ties": 0, "max_drafts": 0,
+             "forced_eos": 0}
     ar = torch.arange(B, device=device)
     first = True
     lf_start: float | None = None
@@ -353,7 +361,7 @@ def speculative_generate(model: Any, input_features: Tensor, tables: Tables, pre
             if bool(live.any()):
                 s = state
                 last = ids.gather(1, (n - 1)[:, None]).squeeze(1)
-                hits = prior.hits(seq, state.tlen) if prior is not None else None
+                hits = prior.hits(seq, state.tlen, state.ptr) if prior is not None else None
                 for j in range(1, k + 1):
                     tok, ok, copy = _draft_step(s, seq, tables, prior, last, hits)
                     ok = ok & live & (j <= room)
@@ -446,6 +454,17 @@ def speculative_generate(model: Any, input_features: Tensor, tables: Tables, pre
         if exact_lengths is not None:
             stop = torch.zeros_like(stop)
         done = done | (take & stop).any(1) | (n >= row_max)
+        if constrained and pad == eos:
+            # a closed tree allows only <|endoftext|> (= pad): append it without another decoder pass
+            fin = ~done & (state.phase == DONE) & (n < row_max)
+            if bool(fin.any()):
+                ids.scatter_(1, torch.where(fin, n, ids.shape[1] - 1)[:, None], eos)
+                ids[:, -1] = pad
+                n = n + fin.long()
+                done = done | fin
+                stats["tokens"] += int(fin.sum())
+                stats["lf_tokens"] += int(fin.sum())
+                stats["forced_eos"] += int(fin.sum())
         # KV cache: slots of the pending token and accepted drafts stay; the rest become holes,
         # and trailing slots that no row needs are cropped.
         if first:

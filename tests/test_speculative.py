@@ -85,7 +85,11 @@ def test_identical_to_generate_random_model(seed, max_new):
         seqs, stats = _check_identical(slu, feats, max_new, draft_len=d)
         assert all(len(s) - len(slu.tokenizer.prefix_ids) <= max_new for s in seqs)
         if d == 0:
-            assert stats["drafted"] == 0 and stats["decoder_passes"] == max(len(s) for s in seqs) - 2
+            # one pass per token, except the <|endoftext|> after a closed tree (appended without a pass)
+            eos = slu.tokenizer.eos_token_id
+            assert stats["drafted"] == 0
+            assert stats["decoder_passes"] == max(len(s) - 2 - (s[-1] == eos) for s in seqs)
+            assert stats["forced_eos"] == sum(s[-1] == eos for s in seqs)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -112,7 +116,8 @@ def test_single_row_exact_parse_takes_few_passes():
     assert stats["lf_passes"] <= n_lf // 2
     plain, pst = speculative_generate(slu.model, feats, slu.tables, slu.tokenizer.prefix_ids, max_new_tokens=60,
                                       draft_len=0)
-    assert plain == seqs and pst["decoder_passes"] == stats["tokens"]
+    # the plain loop: one pass per token but the final <|endoftext|>
+    assert plain == seqs and pst["decoder_passes"] == stats["tokens"] - 1 and pst["forced_eos"] == 1
 
 
 def test_stop_at_separator_and_unconstrained():
@@ -228,3 +233,19 @@ def test_default_draft_budget_is_cpu_only():
     from conslu.speculative import CPU_DRAFT_BUDGET, default_draft_budget
 
     assert default_draft_budget("cpu") == CPU_DRAFT_BUDGET and default_draft_budget("cuda") is None
+
+
+def test_closed_tree_ends_without_another_pass():
+    """Once the tree closes only <|endoftext|> is allowed: the loop appends it without a decoder pass,
+    and the output is still the one constrained ``generate`` makes."""
+    pairs = EXAMPLES[:2]
+    slu = _oracle(5, pairs, skip_rate=0.0)
+    tok = slu.tokenizer
+    feats = torch.randn(2, 80, 3000)
+    ref = slu.generate(feats, constrained=True, max_new_tokens=60)
+    seqs, stats = speculative_generate(slu.model, feats, slu.tables, tok.prefix_ids, max_new_tokens=60, draft_len=0)
+    for b in range(2):
+        assert _generated(seqs[b], tok) == _generated(ref[b].tolist(), tok)
+        assert seqs[b][-1] == tok.eos_token_id
+    assert stats["forced_eos"] == 2
+    assert stats["decoder_passes"] == max(len(s) for s in seqs) - len(tok.prefix_ids) - 1  # the eos took no pass
