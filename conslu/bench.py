@@ -12,7 +12,9 @@ text, normalised as STOP is):
   ``GrammarLogitsProcessor``, per generated token (lengths differ there).
 * loss_overhead: a training step (forward + backward) with the constrained loss (teacher-forced
   states precomputed, as ``ConSLU.collate`` does in the data loader) / the same step with plain
-  cross-entropy; ``loss_overhead_with_states`` also counts the state computation.
+  cross-entropy, as 1 + (constrained - plain loss, forward + backward on the same logits) / plain
+  step (the steps differ only there; see ``loss_bench``); ``loss_overhead_with_states`` also
+  counts the state computation; ``loss_overhead_direct`` divides the median whole steps.
 * parse_vs_transcribe: decoding ``transcript | logical form`` (constrained, speculative) / decoding
   the transcript alone (the same loop, unconstrained, stopping at "|"), batch 1.
 * speculative_speedup: time of the logical-form part with the plain constrained loop / with the
@@ -256,7 +258,7 @@ def run_bench(slu: Any, utts: Sequence[Utterance], *, repeats: int, batch: int =
     per_utt: list[dict] = []
     tot = {k: 0.0 for k in ("gen_u", "gen_c", "loop_u", "plain", "spec", "transcribe")}
     cnt = {"gen_u": 0, "gen_c": 0, "loop_c": 0}
-    sums = {"plain_lf": 0.0, "spec_lf": 0.0, "lf_passes": 0, "lf_tokens": 0, "passes": 0, "tokens": 0,
+    sums = {"plain_lf": 0.0, "spec_lf": 0.0, "plain_lf_passes": 0, "lf_passes": 0, "lf_tokens": 0, "passes": 0, "tokens": 0,
             "compact_rows": 0, "compact_cols": 0, "near_ties": 0}
     identical = 0
     n_checked = 0
@@ -281,6 +283,7 @@ def run_bench(slu: Any, utts: Sequence[Utterance], *, repeats: int, batch: int =
         cnt["gen_c"] += nc
         cnt["loop_c"] += nc
         sums["plain_lf"] += st_p["lf_seconds"]
+        sums["plain_lf_passes"] += st_p["lf_passes"]
         sums["spec_lf"] += st_s["lf_seconds"]
         for key in ("lf_passes", "lf_tokens", "compact_rows", "compact_cols", "near_ties"):
             sums[key] += st_s[key]
@@ -323,6 +326,7 @@ def run_bench(slu: Any, utts: Sequence[Utterance], *, repeats: int, batch: int =
         "loop_vs_generate_constrained_b16": tb["plain"] / tb["gen_c"],
         "loss_overhead": loss["loss_overhead"],
         "loss_overhead_with_states": loss["loss_overhead_with_states"],
+        "loss_overhead_direct": loss["loss_overhead_direct"],
         "parse_vs_transcribe": tot["spec"] / tot["transcribe"],
         "parse_vs_transcribe_plain": tot["plain"] / tot["transcribe"],
         "speculative_speedup": sums["plain_lf"] / sums["spec_lf"] if sums["spec_lf"] else float("nan"),
@@ -348,7 +352,7 @@ def run_bench(slu: Any, utts: Sequence[Utterance], *, repeats: int, batch: int =
                     **{k: v for k, v in loss.items() if k.endswith("_s")}},
         "per_utterance": per_utt,
         "profile_ms": costs,
-        "lf_ms_per_pass": {"constrained": 1e3 * sums["plain_lf"] / max(sums["lf_tokens"], 1),
+        "lf_ms_per_pass": {"constrained": 1e3 * sums["plain_lf"] / max(sums["plain_lf_passes"], 1),
                            "speculative": 1e3 * sums["spec_lf"] / max(sums["lf_passes"], 1)},
     }
     return res
@@ -386,7 +390,13 @@ def pass_costs(model: Any, enc: torch.Tensor, prefix: Sequence[int], ks: Sequenc
 
 
 def loss_bench(slu: Any, utts: Sequence[Utterance], feats: torch.Tensor, *, repeats: int, full_model: bool) -> dict:
-    """Training step (forward + backward) with the constrained loss vs plain cross-entropy."""
+    """Training step (forward + backward) with the constrained loss vs plain cross-entropy.
+
+    The two steps differ only in the loss, and a whole step (seconds on a CPU) varies by more than
+    the loss costs, so ``loss_overhead`` = 1 + (loss forward + backward, constrained - plain) / whole
+    plain step, the loss parts timed on the same logits over many interleaved repeats.
+    ``loss_overhead_direct``: the ratio of the median whole steps (noisier).
+    """
     from conslu.loss import slu_loss, teacher_states
 
     model = slu.model
@@ -403,35 +413,37 @@ def loss_bench(slu: Any, utts: Sequence[Utterance], feats: torch.Tensor, *, repe
             enc = (model.get_encoder()(feats).last_hidden_state,)
     model.train()
 
+    def loss_of(logits: torch.Tensor, kind: str) -> torch.Tensor:
+        if kind == "ce":
+            return slu_loss(logits, lab, None, constrained=False)
+        if kind == "states":
+            return slu_loss(logits, lab, tables, constrained=True, states=teacher_states(lab.cpu(), cpu_tables))
+        return slu_loss(logits, lab, tables, constrained=True, states=states)
+
     def step(kind: str) -> None:
         model.zero_grad(set_to_none=True)
         out = model(input_features=None if enc is not None else feats, encoder_outputs=enc,
                     decoder_input_ids=dec, use_cache=False)
-        if kind == "ce":
-            loss = slu_loss(out.logits, lab, None, constrained=False)
-        elif kind == "states":
-            loss = slu_loss(out.logits, lab, tables, constrained=True, states=teacher_states(lab.cpu(), cpu_tables))
-        else:
-            loss = slu_loss(out.logits, lab, tables, constrained=True, states=states)
-        loss.backward()
+        loss_of(out.logits, kind).backward()
+
+    with torch.no_grad():
+        logits = model(input_features=None if enc is not None else feats, encoder_outputs=enc,
+                       decoder_input_ids=dec, use_cache=False).logits.detach()
+
+    def loss_only(kind: str) -> None:
+        loss_of(logits.clone().requires_grad_(True), kind).backward()
 
     # interleave the kinds so drifting CPU clocks hit all alike
-    t = {"ce": [], "constrained": [], "states": []}
-    for kind in t:
-        step(kind)
-    for _ in range(max(repeats, 3)):
-        for kind in t:
-            _sync(device)
-            t0 = time.perf_counter()
-            step(kind)
-            _sync(device)
-            t[kind].append(time.perf_counter() - t0)
+    steps, _ = interleaved({k: (lambda k=k: step(k)) for k in ("ce", "constrained")}, device, max(repeats, 3))
     model.zero_grad(set_to_none=True)
+    parts, _ = interleaved({k: (lambda k=k: loss_only(k)) for k in ("ce", "constrained", "states")}, device, 30)
     model.eval()
-    med = {k: statistics.median(v) for k, v in t.items()}
-    return {"loss_overhead": med["constrained"] / med["ce"], "loss_overhead_with_states": med["states"] / med["ce"],
-            "train_step_ce_s": med["ce"], "train_step_constrained_s": med["constrained"],
-            "train_step_constrained_with_states_s": med["states"],
+    return {"loss_overhead": 1 + (parts["constrained"] - parts["ce"]) / steps["ce"],
+            "loss_overhead_with_states": 1 + (parts["states"] - parts["ce"]) / steps["ce"],
+            "loss_overhead_direct": steps["constrained"] / steps["ce"],
+            "train_step_ce_s": steps["ce"], "train_step_constrained_s": steps["constrained"],
+            "loss_ce_s": parts["ce"], "loss_constrained_s": parts["constrained"],
+            "loss_constrained_with_states_s": parts["states"],
             "loss_step_scope": "full model" if full_model else "decoder (encoder frozen)"}
 
 
@@ -484,7 +496,7 @@ def table(res: dict) -> str:
     for k in ("constrained_overhead_b1", "constrained_overhead_b16", "constrained_overhead",
               "constrained_overhead_generate_b1", "constrained_overhead_generate_b16", "constrained_overhead_loop_b1",
               "loop_vs_generate_constrained_b1", "loop_vs_generate_constrained_b16",
-              "loss_overhead", "loss_overhead_with_states", "parse_vs_transcribe", "parse_vs_transcribe_plain",
+              "loss_overhead", "loss_overhead_with_states", "loss_overhead_direct", "parse_vs_transcribe", "parse_vs_transcribe_plain",
               "speculative_speedup", "speculative_speedup_total", "speculative_speedup_vs_generate",
               "speculative_speedup_b16", "decoder_passes_per_token", "decoder_passes_per_token_total",
               "speculative_identical"):
