@@ -119,6 +119,17 @@ def _header(path: Path, rows: Iterator[tuple[int, list[str]]]) -> list[str]:
     return [h.strip() for h in header]
 
 
+def _open_table(path: Path, need: Sequence[str]) -> tuple[Iterator[tuple[int, list[str]]], list[str]]:
+    """(rows after the header, header) of a TSV whose header has every column in ``need``."""
+    rows = _open_tsv(path)
+    header = _header(path, rows)
+    missing = [c for c in need if c not in header]
+    if missing:
+        raise DataError(f"{path}:1: missing column(s) {', '.join(missing)} in the header "
+                        f"(got {', '.join(header)})")
+    return rows, header
+
+
 def _canonical_tree(text: str) -> str:
     """Canonical spacing, lower-case words, labels as they are."""
     tree = parse_tree(text)
@@ -155,12 +166,7 @@ def _read_topv2_file(path: Path, col: _Collector, splits: Optional[set[str]],
     split = topv2_split(path)
     if splits is not None and split not in splits:
         return
-    rows = _open_tsv(path)
-    header = _header(path, rows)
-    missing = [c for c in TOPV2_COLUMNS if c not in header]
-    if missing:
-        raise DataError(f"{path}:1: missing column(s) {', '.join(missing)} in the header "
-                        f"(got {', '.join(header)})")
+    rows, header = _open_table(path, TOPV2_COLUMNS)
     idx = {c: header.index(c) for c in TOPV2_COLUMNS}
     for lineno, where, fields, domain in col.rows(path, rows, header, split, domains, idx["domain"]):
         try:

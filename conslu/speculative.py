@@ -294,8 +294,9 @@ def speculative_generate(model: Any, input_features: Tensor, tables: Tables, pre
     Returns (sequences, stats): each sequence is ``prefix_ids`` + the generated tokens, ending with
     <|endoftext|> when the row finished within ``max_new_tokens``; stats: ``decoder_passes``
     (decoder calls), ``tokens`` (generated tokens, all rows), ``drafted`` and ``accepted`` (draft
-    tokens proposed / kept), ``lf_passes`` and ``lf_tokens`` (the same after "|"), ``max_drafts`` (most drafts in one pass), ``forced_eos`` (rows
-    finished without a pass: once the tree closes, <|endoftext|> is the only candidate).
+    tokens proposed / kept), ``lf_passes`` and ``lf_tokens`` (the same after "|"), ``max_drafts`` (most drafts in one
+    pass), ``forced_eos`` (rows finished without a pass: once the tree closes, <|endoftext|> is the
+    only candidate).
     ``constrained``: apply the ConSLU candidate sets (as ``GrammarLogitsProcessor`` with
     ``max_length = len(prefix_ids) + max_new_tokens``); ``suppress``: apply the model's Whisper
     ``suppress_tokens`` / ``begin_suppress_tokens`` (as ``model.generate`` does); ``prior``: the
@@ -426,10 +427,13 @@ def speculative_generate(model: Any, input_features: Tensor, tables: Tables, pre
         # new tokens are g[:, :m+1]; stop after the first <|endoftext|>
         j = torch.arange(K, device=device)[None]
         take = (j <= m[:, None]) & ~done[:, None]
-        is_eos = ((g == eos) | ((g == tables.sep_id) if stop_at_separator else False)) & take
-        if exact_lengths is None:
-            eos_at = torch.where(is_eos.any(1), is_eos.to(torch.uint8).argmax(1), K)
-            take &= j <= eos_at[:, None]
+        # what ends a row: <|endoftext|> ("|" too with stop_at_separator), nothing with exact_lengths
+        ends = (g == eos) | ((g == tables.sep_id) if stop_at_separator else False)
+        if exact_lengths is not None:
+            ends = torch.zeros_like(ends)
+        ends &= take
+        eos_at = torch.where(ends.any(1), ends.to(torch.uint8).argmax(1), K)
+        take &= j <= eos_at[:, None]
         take &= (n[:, None] + j) < row_max[:, None]
         cnt = take.sum(1)
         stats["accepted"] += int((cnt - 1).clamp(min=0).sum())
@@ -448,12 +452,7 @@ def speculative_generate(model: Any, input_features: Tensor, tables: Tables, pre
         moved = advance(sm, gl, ids[:, P:], tables)
         state = moved.where(cnt > 0, state)
         n = n + cnt
-        stop = g == eos
-        if stop_at_separator:
-            stop |= g == tables.sep_id
-        if exact_lengths is not None:
-            stop = torch.zeros_like(stop)
-        done = done | (take & stop).any(1) | (n >= row_max)
+        done = done | ends.any(1) | (n >= row_max)
         if constrained and pad == eos:
             # a closed tree allows only <|endoftext|> (= pad): append it without another decoder pass
             fin = ~done & (state.phase == DONE) & (n < row_max)

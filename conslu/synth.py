@@ -48,7 +48,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -275,41 +275,32 @@ def _source_rows(path: Path, skip_bad: bool, report: list[str] | None) -> Iterab
         return
     split = data.topv2_split(path)
     split = {"dev": "eval", "valid": "eval"}.get(split, split)
-    rows = data._open_tsv(path)
-    header = data._header(path, rows)
-    need = ("domain", "utterance", "semantic_parse")
-    missing = [c for c in need if c not in header]
-    if missing:
-        raise SynthError(f"{path}:1: missing column(s) {', '.join(missing)} in the header")
-    idx = {c: header.index(c) for c in need}
-    for lineno, fields in rows:
-        if len(fields) != len(header):
-            bad(f"{path}:{lineno}: expected {len(header)} fields, got {len(fields)}")
-            continue
-        yield split, fields[idx["domain"]].strip(), fields[idx["utterance"]], fields[idx["semantic_parse"]], f"{path}:{lineno}"
+    for where, row in _table_rows(path, ("domain", "utterance", "semantic_parse"), bad):
+        yield split, row["domain"].strip(), row["utterance"], row["semantic_parse"], where
 
 
 _PART = re.compile(r"^(?:eval|test|valid|dev)_(\d+)/")
 
 
 def _manifest_rows(manifest: Path, split: str, bad) -> Iterable[tuple[str, str, str, str, str]]:
+    for where, row in _table_rows(manifest, ("file_id", "domain", "utterance", "seqlogical"), bad):
+        part = _PART.match(row["file_id"].strip())
+        if part and int(part.group(1)) != 0:
+            continue  # the second recording of an eval/test utterance: same text
+        yield split, row["domain"].strip(), row["utterance"], row["seqlogical"], where
+
+
+def _table_rows(path: Path, need: Sequence[str], bad) -> Iterator[tuple[str, dict[str, str]]]:
+    """(``file:line``, the ``need`` columns) of each TSV row; rows with the wrong field count go to ``bad``."""
     from conslu import data
 
-    rows = data._open_tsv(manifest)
-    header = data._header(manifest, rows)
-    need = ("file_id", "domain", "utterance", "seqlogical")
-    missing = [c for c in need if c not in header]
-    if missing:
-        raise SynthError(f"{manifest}:1: missing column(s) {', '.join(missing)} in the header")
+    rows, header = data._open_table(path, need)
     idx = {c: header.index(c) for c in need}
     for lineno, fields in rows:
         if len(fields) != len(header):
-            bad(f"{manifest}:{lineno}: expected {len(header)} fields, got {len(fields)}")
+            bad(f"{path}:{lineno}: expected {len(header)} fields, got {len(fields)}")
             continue
-        part = _PART.match(fields[idx["file_id"]].strip())
-        if part and int(part.group(1)) != 0:
-            continue  # the second recording of an eval/test utterance: same text
-        yield split, fields[idx["domain"]].strip(), fields[idx["utterance"]], fields[idx["seqlogical"]], f"{manifest}:{lineno}"
+        yield f"{path}:{lineno}", {c: fields[idx[c]] for c in need}
 
 
 def read_inputs(files: Sequence[str | os.PathLike], *, splits: Iterable[str] | None = None,
