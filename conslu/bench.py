@@ -5,7 +5,7 @@ text, normalised as STOP is):
 
 * constrained_overhead_b1 / _b16: constrained greedy decoding time / unconstrained greedy decoding
   time for the same work, batch 1 and 16, both in the shipped decoding loop
-  (``conslu.speculative.speculative_generate`` without drafts): the unconstrained run makes exactly
+  (``conslu.decoding.decode_tokens`` without drafts): the unconstrained run makes exactly
   as many steps per row as the constrained one (``exact_lengths``), so the ratio is the cost of the
   constraints alone, whatever an unconstrained model would have emitted. ``constrained_overhead`` =
   the larger one. ``constrained_overhead_generate_*``: the same through ``model.generate`` with
@@ -50,6 +50,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from conslu.decoding import DecodingOptions, decode_tokens
 from conslu.speculative import DRAFT_LEN
 
 BENCH_MAX_NEW = 64
@@ -217,15 +218,11 @@ def _strip(ids: Sequence[int], prefix: Sequence[int], eos: int, pad: int) -> lis
 def run_bench(slu: Any, utts: Sequence[Utterance], *, repeats: int, batch: int = 16, draft_len: int = DRAFT_LEN,
               max_new: int = BENCH_MAX_NEW, loss_full_model: bool = True) -> dict:
     """All figures for one model and one set of utterances (see the module docstring)."""
-    from conslu.speculative import default_draft_budget, label_prior, speculative_generate
-
     tok = slu.tokenizer
     tables = slu.tables
     device = slu.device
     prefix = tok.prefix_ids
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    prior = label_prior(tok, tables)
-    budget = default_draft_budget(device)  # as ConSLU.generate decodes
     feats = slu.features([u.audio for u in utts])
     model = slu.model
     model.eval()
@@ -247,9 +244,13 @@ def run_bench(slu: Any, utts: Sequence[Utterance], *, repeats: int, batch: int =
 
     def loop(f: torch.Tensor, d: int, constrained: bool = True, sep: bool = False,
              lengths: list[int] | None = None) -> tuple[list[list[int]], dict]:
-        return speculative_generate(model, f, tables, prefix, max_new_tokens=max_new, draft_len=d,
-                                    constrained=constrained, prior=prior, stop_at_separator=sep,
-                                    encoder_outputs=(f,), exact_lengths=lengths, draft_budget=budget)
+        """The shipped decoder (``conslu.decoding.decode_tokens``); the loop guard is off so that
+        every variant does the same work as ``model.generate``."""
+        stats: dict = {}
+        opts = DecodingOptions(constrained=constrained, max_new_tokens=max_new, speculative=d > 0, loop_guard=False)
+        rows = decode_tokens(slu, opts, encoder_hidden=f, stats=stats, exact_lengths=lengths,
+                             stop_at_separator=sep, draft_len=d)
+        return rows, stats
 
     def same_work(f: torch.Tensor) -> list[int]:
         """Generated lengths of the constrained run: the unconstrained baseline does that many steps."""
@@ -369,15 +370,18 @@ def pass_costs(model: Any, enc: torch.Tensor, prefix: Sequence[int], ks: Sequenc
     weight = model.get_output_embeddings().weight
     ids = torch.tensor([list(prefix) + [220] * (20 - len(prefix))], device=device)
     out: dict[str, float] = {}
+    from conslu.search import cache_kwarg, out_cache
+
+    kw = cache_kwarg(type(dec))
     with torch.inference_mode():
-        cache = dec(input_ids=ids, encoder_hidden_states=enc, use_cache=True).past_key_values
+        cache = out_cache(dec(input_ids=ids, encoder_hidden_states=enc, use_cache=True))
         L = ids.shape[1]
         for k in ks:
             q = torch.full((1, k), 220, device=device)
             pos = torch.arange(L, L + k, device=device)[None]
 
             def step() -> None:
-                dec(input_ids=q, encoder_hidden_states=enc, past_key_values=cache, position_ids=pos, use_cache=True)
+                dec(input_ids=q, encoder_hidden_states=enc, position_ids=pos, use_cache=True, **{kw: cache})
                 cache.crop(-k)
 
             out[f"pass_ms_{k}"] = timed(step, device, repeats)[0] * 1e3

@@ -33,6 +33,20 @@ def _add_model_arg(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required, help="ConSLU/Whisper folder, hub id, or a short name such as whisper-tiny.en")
 
 
+def _add_decode_args(p: argparse.ArgumentParser) -> None:
+    """The decoding flags of ``parse`` and ``evaluate`` (``conslu.decoding.DecodingOptions``)."""
+    g = p.add_argument_group("decoding")
+    g.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
+    g.add_argument("--unconstrained", action="store_true", help="decode without the grammar and copy constraints")
+    g.add_argument("--no-speculative", action="store_true", help="greedy without copy-speculative drafts (same output)")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generated tokens after the prompt, <|endoftext|> included (default 256)")
+    g.add_argument("--length-penalty", type=float, default=None,
+                   help="beam ranking: none = log-prob / length; else over ((5 + length) / 6) ** penalty")
+    g.add_argument("--language", default=None, help="prompt language of a multilingual Whisper (default: en)")
+    g.add_argument("--no-loop-guard", action="store_true", help="let looping transcripts run to the length limit")
+
+
 def _configure(name: str, p: argparse.ArgumentParser) -> None:
     if name == "grammar extract":
         p.add_argument("data", nargs="+", help="STOP manifest .tsv files, STOP root folders, or TOPv2 .tsv files")
@@ -78,11 +92,8 @@ def _configure(name: str, p: argparse.ArgumentParser) -> None:
     elif name == "parse":
         p.add_argument("files", nargs="+")
         _add_model_arg(p)
-        p.add_argument("--beam", type=int, default=1)
-        p.add_argument("--unconstrained", action="store_true")
-        p.add_argument("--no-speculative", action="store_true", help="disable copy-speculative decoding")
+        _add_decode_args(p)
         p.add_argument("--batch-size", type=int, default=8)
-        p.add_argument("--max-new-tokens", type=int, default=None)
         p.add_argument("--out", default=None, help="write JSON lines here (appends, skips files already done)")
         p.add_argument("--device", default=None)
         p.add_argument("--debug", action="store_true")
@@ -92,13 +103,10 @@ def _configure(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--data", required=True, help="STOP root folder (official or synthetic)")
         p.add_argument("--split", default="test")
         _add_model_arg(p)
-        p.add_argument("--beam", type=int, default=1)
-        p.add_argument("--unconstrained", action="store_true")
-        p.add_argument("--no-speculative", action="store_true")
+        _add_decode_args(p)
         p.add_argument("--batch-size", type=int, default=8)
         p.add_argument("--limit", type=int, default=None)
         p.add_argument("--domains", nargs="*", default=None)
-        p.add_argument("--max-new-tokens", type=int, default=None)
         p.add_argument("--out", default=None, help="predictions JSONL, appended and resumed (default: runs/eval/<model-name>-<split>-<hash>.jsonl)")
         p.add_argument("--device", default=None)
         p.add_argument("--json", action="store_true")

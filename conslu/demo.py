@@ -31,7 +31,6 @@ cached encoder outputs) are also what ``recipes/ablation/run.py`` uses.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from conslu.atomic import atomic_write_text
+from conslu.decoding import DecodingOptions
 
 __all__ = [
     "DemoSettings",
@@ -58,8 +58,6 @@ __all__ = [
     "fill_encoder_cache",
     "fit",
     "base_encoder",
-    "decoding_constrained",
-    "no_suppressed_tokens",
     "evaluate_cached",
     "run_demo",
     "machine_info",
@@ -278,42 +276,10 @@ def fit(args: list[str] | dict, *, seed: int = 0, ckpt_path: str | None = None) 
 # evaluation from cached encoder outputs
 
 
-@contextlib.contextmanager
-def decoding_constrained(slu: Any, constrained: bool) -> Iterator[Any]:
-    """Temporarily switch ``slu``'s decoding constraint on or off, keeping its loss setting."""
-    old = slu.constraints
-    loss = old in ("both", "loss")
-    if constrained and slu.target_format != "simplified":
-        raise ValueError(f"constrained decoding needs the simplified target, not {slu.target_format!r}")
-    slu.constraints = ("both" if loss else "decoding") if constrained else ("loss" if loss else "none")
-    try:
-        yield slu
-    finally:
-        slu.constraints = old
-
-
-@contextlib.contextmanager
-def no_suppressed_tokens(slu: Any) -> Iterator[Any]:
-    """Decode without Whisper's ``suppress_tokens`` list (punctuation such as ``{`` ``"`` ``:`` ``]``).
-
-    Pretrained Whisper suppresses those tokens at every step; a ConSLU folder inherits the list, which
-    makes the WhiSLU JSON target (``{ "Gender": ...``) impossible to produce, and the per-step
-    ``torch.isin`` over the vocabulary costs about a third of CPU decoding time. The simplified target
-    never needs them (normalised transcripts have no punctuation; its brackets are added tokens), so
-    every variant is decoded without the list. ``begin_suppress_tokens`` is kept.
-    """
-    gc = slu.model.generation_config
-    old = getattr(gc, "suppress_tokens", None)
-    gc.suppress_tokens = None
-    try:
-        yield slu
-    finally:
-        gc.suppress_tokens = old
-
-
-def evaluate_cached(slu: Any, rows: Sequence[dict], cache: Any, *, constrained: bool, batch_size: int = 16,
-                    max_new_tokens: int | None = None, desc: str = "decode") -> dict:
-    """Greedy decoding of ``rows`` from cached encoder outputs, scored against their references.
+def evaluate_cached(slu: Any, rows: Sequence[dict], cache: Any, *, options: Any, batch_size: int = 16,
+                    desc: str = "decode") -> dict:
+    """Decoding of ``rows`` from cached encoder outputs (``conslu.decoding.decode`` with
+    ``options``), scored against their references.
 
     Returns :func:`conslu.metrics.score`'s dict plus ``seconds`` (decode wall time) and
     ``predictions`` (id, transcript, logical_form per row).
@@ -321,27 +287,26 @@ def evaluate_cached(slu: Any, rows: Sequence[dict], cache: Any, *, constrained: 
     import torch
     from tqdm import tqdm
 
+    from conslu.decoding import decode
     from conslu.metrics import score
-    from conslu.train import decode_encoder_outputs
 
     slu.model.eval()
     dtype = next(slu.model.get_decoder().parameters()).dtype
     device = slu.device
     hyps: list[dict] = []
     t0 = time.perf_counter()
-    with decoding_constrained(slu, constrained), no_suppressed_tokens(slu):
-        batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-        for batch in tqdm(batches, desc=desc, unit="batch", file=sys.stderr, dynamic_ncols=True):
-            encs = []
-            for r in batch:
-                value = cache.get(cache.key(r["audio"]))
-                if value is None:
-                    raise KeyError(f"{r['audio']}: encoder output missing from the cache")
-                encs.append(value)
-            enc = torch.stack(encs).to(device, dtype)
-            for r, out in zip(batch, decode_encoder_outputs(slu, enc, max_new_tokens=max_new_tokens)):
-                hyps.append({"id": str(r["id"]), "transcript": out.get("transcript") or "",
-                             "logical_form": out.get("logical_form") or ""})
+    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    for batch in tqdm(batches, desc=desc, unit="batch", file=sys.stderr, dynamic_ncols=True):
+        encs = []
+        for r in batch:
+            value = cache.get(cache.key(r["audio"]))
+            if value is None:
+                raise KeyError(f"{r['audio']}: encoder output missing from the cache")
+            encs.append(value)
+        enc = torch.stack(encs).to(device, dtype)
+        for r, out in zip(batch, decode(slu, options, encoder_hidden=enc)):
+            hyps.append({"id": str(r["id"]), "transcript": out.get("transcript") or "",
+                         "logical_form": out.get("logical_form") or ""})
     seconds = time.perf_counter() - t0
     refs = [{"id": str(r["id"]), "domain": r.get("domain"), "transcript": r.get("transcript") or "",
              "logical_form": r.get("logical_form") or ""} for r in rows]
@@ -478,14 +443,15 @@ def run_demo(workdir: Path, settings: DemoSettings, seed: int = 0, jobs: int | N
 
     # 4. evaluation, constrained and unconstrained, from the cached encoder outputs
     t0 = time.perf_counter()
-    _log(f"[4/5] evaluate: greedy decoding of {len(eval_rows)} eval utterances, constrained and unconstrained")
+    _log(f"[4/5] evaluate: decoding of {len(eval_rows)} eval utterances (constrained greedy and beam 4, unconstrained)")
     cache = encoder_cache(slu.model.get_encoder(), slu.feature_extractor, cache_dir)
     fill_encoder_cache(cache, slu.model.get_encoder(), slu.feature_extractor, [r["audio"] for r in eval_rows])
     results = {}
-    for name, constrained in (("constrained", True), ("unconstrained", False)):
-        results[name] = evaluate_cached(slu, eval_rows, cache, constrained=constrained,
-                                        batch_size=settings.eval_batch_size, max_new_tokens=settings.max_new_tokens,
-                                        desc=name)
+    base = DecodingOptions(max_new_tokens=settings.max_new_tokens)
+    for name, options in (("constrained", base), ("constrained, beam 4", base.replace(beam_size=4)),
+                          ("unconstrained", base.replace(constrained=False))):
+        results[name] = evaluate_cached(slu, eval_rows, cache, options=options,
+                                        batch_size=settings.eval_batch_size, desc=name)
     timings["evaluate"] = time.perf_counter() - t0
 
     # 5. parse one fresh utterance with the full model (encoder included)
@@ -498,9 +464,8 @@ def run_demo(workdir: Path, settings: DemoSettings, seed: int = 0, jobs: int | N
     from conslu.audio import load_audio
 
     audio = load_audio(wav)
-    with no_suppressed_tokens(slu):  # decoded as in stage 4
-        parsed = slu.parse([audio], max_new_tokens=settings.max_new_tokens)[0]
-        parsed_free = slu.parse([audio], constrained=False, max_new_tokens=settings.max_new_tokens)[0]
+    parsed = slu.parse([audio], base)[0]
+    parsed_free = slu.parse([audio], base.replace(constrained=False))[0]
     timings["parse"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
 
@@ -517,7 +482,7 @@ def run_demo(workdir: Path, settings: DemoSettings, seed: int = 0, jobs: int | N
     }
     atomic_write_text(workdir / "demo.json", json.dumps(summary, indent=1) + "\n")
     for name in results:  # predictions for inspection
-        atomic_write_text(workdir / f"predictions-{name}.jsonl",
+        atomic_write_text(workdir / f"predictions-{name.replace(', ', '-').replace(' ', '')}.jsonl",
                           "".join(json.dumps(h) + "\n" for h in results[name]["predictions"]))
     return summary
 

@@ -36,17 +36,18 @@ from pathlib import Path
 from typing import Any
 
 from conslu.jsonl import JSONLError
-from conslu.parse import (DecodeError, Item, Reporter, SettingsMismatch, check_numbers, decode_settings, load_model,
-                          open_output, report_decode_error, run_batches)
+from conslu.parse import (DecodeError, Item, Reporter, SettingsMismatch, check_numbers, check_options, decode_settings,
+                          decoding_options, load_model, open_output, report_decode_error, run_batches)
 
 __all__ = ["default_output", "cmd_evaluate"]
 
 EVAL_DIR = Path("runs") / "eval"
 
 
-def default_output(model: str, data: str, split: str, beam: int, unconstrained: bool) -> Path:
-    """``runs/eval/<model name>-<split>-<hash>.jsonl``; the hash tells apart models/corpora of the same name."""
-    ident = json.dumps([str(Path(model).resolve()), str(Path(data).resolve()), split, beam, bool(unconstrained)])
+def default_output(model: str, data: str, split: str, decoding: dict) -> Path:
+    """``runs/eval/<model name>-<split>-<hash>.jsonl``; the hash tells apart models/corpora of the same
+    name and decoding settings (``decoding``: ``DecodingOptions.as_dict()`` less what does not change outputs)."""
+    ident = json.dumps([str(Path(model).resolve()), str(Path(data).resolve()), split, decoding], sort_keys=True)
     digest = hashlib.sha256(ident.encode()).hexdigest()[:8]
     name = Path(model).resolve().name or "model"
     return EVAL_DIR / f"{name}-{split}-{digest}.jsonl"
@@ -126,8 +127,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"conslu: {args.data}: no utterances in split {args.split!r}"
               f"{' for domains ' + ', '.join(args.domains) if args.domains else ''}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else default_output(args.model, args.data, args.split, args.beam, args.unconstrained)
     settings = {**decode_settings(args), "data": str(Path(args.data).resolve()), "split": args.split}
+    decoding = {k: v for k, v in settings.items() if k not in ("model", "model_fingerprint", "data", "split")}
+    out = Path(args.out) if args.out else default_output(args.model, args.data, args.split, decoding)
     try:
         writer = open_output(out, lambda r: str(r["id"]), settings)
     except (JSONLError, SettingsMismatch, OSError) as e:
@@ -155,10 +157,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                       error=None if r.get("audio") else f"{r['id']}: no audio file")
                  for r in todo]
         if todo:
-            outcomes = run_batches(model, items, batch_size=args.batch_size, beam=args.beam,
-                                   constrained=False if args.unconstrained else None,
-                                   max_new_tokens=getattr(args, "max_new_tokens", None),
-                                   speculative=not args.no_speculative)
+            options = decoding_options(args)
+            err = check_options(model, options)
+            if err:
+                print(f"conslu: {err}", file=sys.stderr)
+                return 2
+            outcomes = run_batches(model, items, batch_size=args.batch_size, options=options)
         try:
             for oc in outcomes:
                 if oc.ok:

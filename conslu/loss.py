@@ -10,7 +10,8 @@
   everywhere) is comparable token for token.
 * A reference token outside its C_t (only possible when the data has a grammar pair the grammar
   lacks) is added to its own C_t so the loss stays finite; once the teacher-forced state machine
-  rejects a sequence (ERROR), the rest of that sequence falls back to the full vocabulary.
+  rejects a sequence (ERROR), the rest of that sequence falls back to the full vocabulary. Data
+  loading refuses such rows beforehand (``uncopyable_rows``), so this guards only hand-made batches.
 
 Teacher-forced states depend on the labels only, so ``teacher_states`` can run in the data loader
 (``ConSLU.collate``) and be passed in; otherwise ``slu_loss`` computes them on the CPU.
@@ -62,7 +63,7 @@ def teacher_states(labels: Tensor, tables: Tables) -> LossStates:
     n_valid = valid.sum(1)
     lf_len = torch.where(has_sep, n_valid - sep - 1, 0)
     J = int(lf_len.max().item()) if B else 0
-    state = init_state(B, tables, labels.device, phase=OPEN)
+    state = init_state(B, tables, labels.device, phase=OPEN).fit(T)
     state.tlen = sep.clone()
     lf_pos = sep + 1  # target-relative position of LF step j is sep + 1 + j
     snaps: list[State] = []
@@ -81,11 +82,23 @@ def teacher_states(labels: Tensor, tables: Tables) -> LossStates:
     keep = j[None] < lf_len[:, None]  # [B, J]
     bi, ji = keep.nonzero(as_tuple=True)
     stacked = {f: torch.stack([getattr(s, f) for s in snaps], 1)[bi, ji]
-               for f in ("phase", "depth", "top", "ptr", "tlen")}
+               for f in ("phase", "depth", "top", "ptr", "tlen", "wpos")}
     st = State(**stacked, stack=None)
     tgt = torch.stack(toks, 1)[bi, ji]
     rows = bi * T + start[bi] + lf_pos[bi] + ji
     return LossStates(rows=rows, targets=tgt, batch=bi, state=st, seq=seq)
+
+
+def uncopyable_rows(labels: Tensor, tables: Tables) -> list[int]:
+    """Rows of a label batch that the state machine rejects (a tree word that is not a whole-word,
+    in-order copy of the transcript, a label outside the grammar, a malformed tree)."""
+    ls = teacher_states(labels, tables)
+    bad = ls.state.phase == ERROR
+    nxt = advance(ls.state, ls.targets, ls.seq.index_select(0, ls.batch), tables)
+    bad |= nxt.phase == ERROR
+    ok = candidate_mask(ls.state, ls.seq.index_select(0, ls.batch), tables)
+    bad |= ~ok[torch.arange(ok.shape[0], device=ok.device), ls.targets]
+    return sorted(set(ls.batch[bad].tolist()))
 
 
 def lf_candidate_mask(ls: LossStates, tables: Tables) -> Tensor:

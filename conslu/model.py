@@ -22,7 +22,7 @@ from torch import Tensor
 
 from conslu.atomic import atomic_folder, atomic_write_json
 from conslu.constraints import Tables, build_tables
-from conslu.decoding import GrammarLogitsProcessor
+from conslu.decoding import DEFAULT_MAX_NEW_TOKENS, DecodingOptions, GrammarLogitsProcessor, decode, decode_tokens, resolve
 from conslu.grammar import Grammar
 from conslu.loss import IGNORE, LossStates, slu_loss, teacher_states
 from conslu.tokenizer import SLUTokenizer
@@ -33,7 +33,7 @@ FORMAT_NAME = "conslu-model"
 FORMAT_VERSION = 1
 CONSTRAINTS = ("both", "loss", "decoding", "none")
 TARGET_FORMATS = ("simplified", "whislu")
-DEFAULT_MAX_NEW_TOKENS = 256
+__all__ = ["ConSLU", "ModelFolderError", "DEFAULT_MAX_NEW_TOKENS", "DecodingOptions"]
 
 
 class ModelFolderError(ValueError):
@@ -114,6 +114,7 @@ class ConSLU:
         self.target_format = target_format
         self.constraints = constraints
         self._tables: Tables | None = None
+        self._prior: Any = None
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -321,66 +322,47 @@ class ConSLU:
         return feats.to(self.device, dtype=next(self.model.parameters()).dtype)
 
     def logits_processor(self, max_length: int | None) -> GrammarLogitsProcessor:
+        """The constrained ``LogitsProcessor`` for ``self.model.generate`` (prompt = ``tokenizer.prefix_ids``)."""
         tables = self.tables
         if tables is None:
             raise ValueError("constrained decoding needs the simplified target format")
         return GrammarLogitsProcessor(tables, len(self.tokenizer.prefix_ids), max_length)
 
-    def generate(self, input_features: Tensor, *, beam: int = 1, constrained: bool | None = None,
-                 max_new_tokens: int | None = None, speculative: bool = False) -> Tensor:
-        """Token ids (prompt included) for a batch of log-mel features."""
-        from transformers import LogitsProcessorList
+    @property
+    def label_drafter(self) -> Any:
+        """Label drafts for copy-speculative decoding (``conslu.speculative.label_prior``), built once."""
+        from conslu.speculative import label_prior
 
-        constrained = self.decode_constrained if constrained is None else bool(constrained)
-        if constrained and self.target_format != "simplified":
-            raise ValueError("constrained decoding needs the simplified target format")
-        P = len(self.tokenizer.prefix_ids)
-        limit = int(self.model.config.max_target_positions) - P
-        max_new = min(max_new_tokens or DEFAULT_MAX_NEW_TOKENS, limit)
-        kwargs: dict[str, Any] = {"num_beams": beam, "do_sample": False, "max_length": P + max_new,
-                                  "return_timestamps": False}
-        if self.tokenizer.multilingual:
-            kwargs.update(language="en", task="transcribe")
-        if constrained:
-            kwargs["logits_processor"] = LogitsProcessorList([self.logits_processor(P + max_new)])
-        self.model.eval()
-        with torch.inference_mode():
-            if speculative and beam == 1 and self.target_format == "simplified":
-                return self._speculative(input_features, max_new, constrained)
-            seqs = self.model.generate(input_features, **kwargs)
-        return seqs if isinstance(seqs, Tensor) else seqs.sequences
-
-    def _speculative(self, input_features: Tensor, max_new: int, constrained: bool) -> Tensor:
-        """Batched copy-speculative greedy decoding (token-identical to constrained greedy ``generate``)."""
-        from conslu.speculative import DRAFT_LEN, default_draft_budget, label_prior, speculative_generate
-
-        tables = self.tables.to(input_features.device)
-        if getattr(self, "_prior", None) is None:
+        tables = self.tables
+        if self._prior is None or self._prior.token_ids.device != tables.device:
             self._prior = label_prior(self.tokenizer, tables)
-        rows, _ = speculative_generate(self.model, input_features, tables, self.tokenizer.prefix_ids,
-                                       max_new_tokens=max_new, draft_len=DRAFT_LEN,
-                                       constrained=constrained, prior=self._prior,
-                                       draft_budget=default_draft_budget(input_features.device))
-        width = max(len(r) for r in rows)
-        out = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        for i, r in enumerate(rows):
-            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        return out
+        return self._prior
 
-    def parse(self, audios: Sequence[np.ndarray], *, beam: int = 1, constrained: bool | None = None,
-              max_new_tokens: int | None = None, speculative: bool = False) -> list[dict]:
+    def check(self, options: DecodingOptions) -> None:
+        """Raise ValueError when ``options`` do not suit this model (length budget, prompt language)."""
+        resolve(self, options)
+
+    def generate(self, input_features: Tensor, options: DecodingOptions | None = None, **overrides: Any) -> list[list[int]]:
+        """Token rows (prompt included) for a batch of log-mel features (``conslu.decoding.decode_tokens``)."""
+        return decode_tokens(self, _options(options, overrides), input_features=input_features)
+
+    def parse(self, audios: Sequence[np.ndarray], options: DecodingOptions | None = None, **overrides: Any) -> list[dict]:
         """Transcribe and parse audio (16 kHz float arrays): dicts with transcript, logical_form
-        ("" when none), valid (a well-formed tree allowed by the grammar) and text (raw decoded)."""
+        ("" when none), valid (a well-formed tree allowed by the grammar) and text (raw decoded).
+        ``options`` (``DecodingOptions``) or its fields as keywords: ``slu.parse(audios, beam_size=4)``."""
         if not len(audios):
             return []
-        seqs = self.generate(self.features(audios), beam=beam, constrained=constrained,
-                             max_new_tokens=max_new_tokens, speculative=speculative)
-        return [self.result(row.tolist()) for row in seqs]
+        return decode(self, _options(options, overrides), input_features=self.features(audios))
 
     def result(self, ids: Sequence[int]) -> dict:
         transcript, lf = self.tokenizer.decode(ids)
         return {"transcript": transcript, "logical_form": lf or "", "valid": bool(lf) and self.grammar.is_valid(lf),
                 "text": self.tokenizer.text(ids)}
+
+
+def _options(options: DecodingOptions | None, overrides: dict) -> DecodingOptions:
+    options = options or DecodingOptions()
+    return options.replace(**overrides) if overrides else options
 
 
 def cmd_init(args: argparse.Namespace) -> int:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import os
 import sys
@@ -46,6 +45,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from conslu.decoding import DecodingOptions
 from conslu.jsonl import JSONLError, ResumableWriter, atomic_write_json, dumps
 
 __all__ = ["Item", "Outcome", "DecodeError", "report_decode_error", "run_batches", "parse_kwargs", "load_model", "model_fingerprint",
@@ -123,19 +123,8 @@ def _load_one(item: Item, loader: Callable[[str], np.ndarray]) -> tuple[np.ndarr
     return audio, None, None
 
 
-def parse_kwargs(parse: Callable[..., Any], **kwargs: Any) -> dict:
-    """The keyword arguments that ``parse`` accepts (e.g. ``speculative`` only where supported)."""
-    try:
-        params = inspect.signature(parse).parameters
-    except (TypeError, ValueError):
-        return kwargs
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return kwargs
-    return {k: v for k, v in kwargs.items() if k in params}
-
-
-def run_batches(model: Any, items: Iterable[Item], *, batch_size: int = 8, beam: int = 1,
-                constrained: bool | None = None, max_new_tokens: int | None = None, speculative: bool = True,
+def run_batches(model: Any, items: Iterable[Item], *, batch_size: int = 8,
+                options: DecodingOptions | None = None,
                 loader: Callable[[str], np.ndarray] | None = None,
                 prefetch: int = PREFETCH_BATCHES) -> Iterator[Outcome]:
     """Parse ``items`` in batches of readable audio; yields one :class:`Outcome` per item, in order.
@@ -147,8 +136,7 @@ def run_batches(model: Any, items: Iterable[Item], *, batch_size: int = 8, beam:
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     load = loader or _default_loader
-    kwargs = parse_kwargs(model.parse, beam=beam, constrained=constrained, max_new_tokens=max_new_tokens,
-                          speculative=speculative)
+    options = options or DecodingOptions()
     source = iter(items)
 
     def next_chunk() -> list[Item]:
@@ -182,7 +170,7 @@ def run_batches(model: Any, items: Iterable[Item], *, batch_size: int = 8, beam:
                 if good:
                     t0 = time.perf_counter()
                     try:
-                        results = list(model.parse([a for _, a in good], **kwargs))
+                        results = list(model.parse([a for _, a in good], options))
                     except Exception as e:
                         first = good[0][0]
                         raise DecodeError(f"decoding failed on the batch starting at {first.path or first.key}: "
@@ -328,6 +316,23 @@ class Reporter:
             self.bar = None
 
 
+def decoding_options(args: argparse.Namespace) -> DecodingOptions:
+    """``DecodingOptions`` from the decoding flags (``cli._add_decode_args``)."""
+    return DecodingOptions(beam_size=args.beam, constrained=False if args.unconstrained else None,
+                           speculative=not args.no_speculative, max_new_tokens=args.max_new_tokens,
+                           length_penalty=args.length_penalty, language=args.language,
+                           loop_guard=not args.no_loop_guard)
+
+
+def check_options(model: Any, options: DecodingOptions) -> str | None:
+    """A usage error when the options do not suit the model (length budget, language), else None."""
+    try:
+        model.check(options)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def check_numbers(args: argparse.Namespace) -> str | None:
     """A usage error for out-of-range numeric options, else None."""
     if getattr(args, "batch_size", 1) < 1:
@@ -345,9 +350,9 @@ def check_numbers(args: argparse.Namespace) -> str | None:
 
 def decode_settings(args: argparse.Namespace) -> dict:
     """Settings that change a model's output, recorded beside resumable outputs."""
-    return {"model": str(Path(args.model).resolve()), "model_fingerprint": model_fingerprint(args.model),
-            "beam": args.beam, "constrained": None if not args.unconstrained else False,
-            "max_new_tokens": getattr(args, "max_new_tokens", None)}
+    opts = decoding_options(args).as_dict()
+    opts.pop("speculative")  # same output either way
+    return {"model": str(Path(args.model).resolve()), "model_fingerprint": model_fingerprint(args.model), **opts}
 
 
 def _norm_file(path: str) -> str:
@@ -395,11 +400,14 @@ def cmd_parse(args: argparse.Namespace) -> int:
             print(f"conslu: model {args.model}: {e}" if str(args.model) not in str(e) else f"conslu: {e}",
                   file=sys.stderr)
             return 2
+        options = decoding_options(args)
+        err = check_options(model, options)
+        if err:
+            print(f"conslu: {err}", file=sys.stderr)
+            return 2
         report = Reporter(len(todo), debug=args.debug)
         try:
-            for oc in run_batches(model, [Item(f, f) for f in todo], batch_size=args.batch_size, beam=args.beam,
-                                  constrained=False if args.unconstrained else None,
-                                  max_new_tokens=args.max_new_tokens, speculative=not args.no_speculative):
+            for oc in run_batches(model, [Item(f, f) for f in todo], batch_size=args.batch_size, options=options):
                 if oc.ok:
                     res = oc.result or {}
                     rec = {"file": oc.item.key, "transcript": res.get("transcript", ""),

@@ -55,13 +55,11 @@ class SLUTokenizer:
         self.eos_token_id: int = tokenizer.convert_tokens_to_ids(EOT)
         pad = tokenizer.pad_token_id
         self.pad_token_id: int = self.eos_token_id if pad is None else int(pad)
-        sot = tokenizer.convert_tokens_to_ids(SOT)
-        # English-only Whisper: <|endoftext|>=50256, sot=50257; multilingual: 50257 / 50258.
-        self.multilingual: bool = sot == self.eos_token_id + 2
-        prefix = [SOT, "<|en|>", "<|transcribe|>", NOTIMESTAMPS] if self.multilingual else [SOT, NOTIMESTAMPS]
-        self.prefix_ids: list[int] = tokenizer.convert_tokens_to_ids(prefix)
         # Whisper's own ids (text, specials, timestamps); ConSLU tokens come after.
         self.base_vocab_size: int = tokenizer.convert_tokens_to_ids(NOTIMESTAMPS) + 1 + N_TIMESTAMPS
+        # openai/whisper's rule: multilingual vocabularies have 51865 ids or more (English-only 51864).
+        self.multilingual: bool = self.base_vocab_size >= 51865
+        self.prefix_ids: list[int] = self.prompt_ids()
         self.label_tokens: list[str] = []
         if target_format == "simplified":
             if grammar is None:
@@ -105,6 +103,26 @@ class SLUTokenizer:
 
     def __len__(self) -> int:
         return len(self.tokenizer)
+
+    def prompt_ids(self, language: str | None = None, task: str | None = None) -> list[int]:
+        """The decoder prompt: ``<|startoftranscript|><|en|><|transcribe|><|notimestamps|>`` for a
+        multilingual Whisper (language and task as given, English transcription by default),
+        ``<|startoftranscript|><|notimestamps|>`` for an English-only one."""
+        if not self.multilingual:
+            if language not in (None, "en") or task not in (None, "transcribe"):
+                raise ValueError(f"an English-only Whisper transcribes English only (language={language!r}, task={task!r})")
+            return self.tokenizer.convert_tokens_to_ids([SOT, NOTIMESTAMPS])
+        tokens = [SOT, f"<|{language or 'en'}|>", f"<|{task or 'transcribe'}|>", NOTIMESTAMPS]
+        vocab = self.tokenizer.get_vocab()
+        for t in tokens[1:3]:
+            if t not in vocab:
+                raise ValueError(f"this Whisper has no {t} token (language {language!r}, task {task!r})")
+        return [vocab[t] for t in tokens]
+
+    def word_initial_flags(self) -> list[bool]:
+        """For each ordinary text id (below <|endoftext|>): does the piece begin a word (leading space)?"""
+        pieces = self.tokenizer.convert_ids_to_tokens(list(range(self.eos_token_id)))
+        return [bool(p) and p[0] in ("\u0120", " ") for p in pieces]
 
     def init_text(self, token: str) -> str:
         """Text whose ordinary pieces initialise an added token's embedding."""

@@ -509,7 +509,8 @@ class SLUDataModule(pl.LightningDataModule):
 
     def check_labels(self, module: "SLUModule") -> None:
         """Refuse (or, with ``skip_bad``, drop and report) training rows whose trees use a label the
-        model's grammar lacks: they could not be encoded, and would stop training at their batch."""
+        model's grammar lacks (they could not be encoded) or whose words are not copies of the
+        transcript (the constrained loss could not follow them)."""
         assert self.train_rows is not None
         slu = module.slu
         if slu is None or getattr(slu, "target_format", "simplified") != "simplified":
@@ -524,6 +525,7 @@ class SLUDataModule(pl.LightningDataModule):
                            f"not in the model's grammar ({len(known)} labels)")
             else:
                 keep.append(r)
+        keep = self._check_copies(slu, keep, bad)
         if not bad:
             return
         if not self.skip_bad:
@@ -532,8 +534,29 @@ class SLUDataModule(pl.LightningDataModule):
                             "or set data.skip_bad: true to leave such rows out")
         _report_skipped(self.train_split, bad)
         if not keep:
-            raise DataError(f"{self.data_dir}: every {self.train_split!r} row uses labels the model's grammar lacks")
+            raise DataError(f"{self.data_dir}: no usable {self.train_split!r} row (labels the model's grammar lacks, "
+                            "or trees whose words are not copies of the transcript)")
         self.train_rows = keep
+
+    def _check_copies(self, slu: Any, rows: list[dict], bad: list[str], chunk: int = 256) -> list[dict]:
+        """Rows whose tree the constraint machine accepts (its words whole-word, in-order copies of the
+        transcript); the others are added to ``bad`` with their manifest line."""
+        from conslu.loss import uncopyable_rows
+
+        tables = slu._cpu_tables()
+        keep: list[dict] = []
+        for i in range(0, len(rows), chunk):
+            part = rows[i : i + chunk]
+            labels = slu.collate([(r.get("transcript") or "", r.get("logical_form") or "") for r in part],
+                                 with_states=False)["labels"]
+            wrong = set(uncopyable_rows(labels, tables))
+            for j, r in enumerate(part):
+                if j in wrong:
+                    bad.append(f"{_row_location(self.data_dir, self.train_split, r)}: the tree's words are not whole-word, "
+                               f"in-order copies of the transcript ({r.get('transcript')!r} | {r.get('logical_form')!r})")
+                else:
+                    keep.append(r)
+        return keep
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
@@ -582,28 +605,11 @@ def _is_conslu_folder(path: str) -> bool:
 
 
 def decode_encoder_outputs(slu: Any, enc: torch.Tensor, *, max_new_tokens: int | None = None) -> list[dict]:
-    """ConSLU's greedy decoding (constrained per ``slu.constraints``) from encoder outputs [B, 1500, d].
+    """ConSLU's default decoding (``conslu.decoding.decode``, as ``conslu evaluate`` runs it) from
+    encoder outputs [B, frames, d], so a cached frozen encoder is not run again."""
+    from conslu.decoding import DecodingOptions, decode
 
-    Same settings as ``ConSLU.generate`` (prompt, length budget, grammar logits processor), but
-    starting from encoder outputs so a cached frozen encoder is not run again.
-    """
-    from transformers import LogitsProcessorList
-    from transformers.modeling_outputs import BaseModelOutput
-
-    from conslu import model as core
-
-    P = len(slu.tokenizer.prefix_ids)
-    limit = int(slu.model.config.max_target_positions) - P
-    max_new = min(max_new_tokens or core.DEFAULT_MAX_NEW_TOKENS, limit)
-    kwargs: dict[str, Any] = {"num_beams": 1, "do_sample": False, "max_length": P + max_new, "return_timestamps": False}
-    if slu.tokenizer.multilingual:
-        kwargs.update(language="en", task="transcribe")
-    if slu.decode_constrained:
-        kwargs["logits_processor"] = LogitsProcessorList([slu.logits_processor(P + max_new)])
-    with torch.inference_mode():
-        seqs = slu.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=enc), **kwargs)
-    seqs = seqs if isinstance(seqs, torch.Tensor) else seqs.sequences
-    return [slu.result(row.tolist()) for row in seqs]
+    return decode(slu, DecodingOptions(max_new_tokens=max_new_tokens), encoder_hidden=enc)
 
 
 class SLUModule(pl.LightningModule):

@@ -30,11 +30,13 @@ def transcribe(model: Any, processor: Any, audios: Sequence[np.ndarray], *, batc
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     texts: list[str] = []
     param = next(model.parameters())
+    # English transcription, also on a multilingual checkpoint (no language detection)
+    lang = {"language": "en", "task": "transcribe"} if getattr(model.generation_config, "is_multilingual", False) else {}
     for start in range(0, len(audios), batch_size):
         chunk = list(audios[start : start + batch_size])
         feats = log_mel(chunk, processor.feature_extractor).to(param.device, param.dtype)
         with torch.inference_mode():
-            ids = model.generate(input_features=feats, return_timestamps=False)
+            ids = model.generate(input_features=feats, return_timestamps=False, **lang)
         texts.extend(t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True))
     return texts
 

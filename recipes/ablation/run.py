@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
+from conslu.decoding import DecodingOptions  # noqa: E402
 from conslu.demo import (atomic_write_text, base_encoder, encoder_cache, evaluate_cached,  # noqa: E402
                          fill_encoder_cache, fit, machine_info, read_rows, synth_corpus)
 
@@ -301,8 +302,8 @@ def run(args: argparse.Namespace) -> dict:
         _log(f"[4/4] evaluate {label} on {len(eval_rows)} utterances")
         max_new = SMOKE["whislu_max_new_tokens" if slu.target_format == "whislu" else "max_new_tokens"] if smoke \
             else (128 if slu.target_format == "whislu" else 64)
-        r = evaluate_cached(slu, eval_rows, cache, constrained=constrained, batch_size=16, max_new_tokens=max_new,
-                            desc=name)
+        r = evaluate_cached(slu, eval_rows, cache, batch_size=16, desc=name,
+                            options=DecodingOptions(constrained=constrained, max_new_tokens=max_new))
         t = train_info[model_name]
         report["variants"][name] = {
             "label": label, "model": model_name, "target_format": slu.target_format,
