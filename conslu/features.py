@@ -9,20 +9,27 @@ Entries are keyed by the audio file (absolute path, size, modification time) and
 the encoder weights and feature-extractor settings, so a changed file or model never hits a stale
 entry. The cache lives in memory (``root=None``) or on disk as one fp16 safetensors file per
 utterance (about 1.1 MB each for tiny, 1.5 MB for base); disk writes are atomic.
+
+:func:`encoder_cache` opens the cache of one encoder and :func:`fill_encoder_cache` computes the
+missing entries; training (``model.cache_encoder``), ``conslu demo`` and ``recipes/ablation`` all
+go through these two, so their keys agree and a cache filled by one is reused by the others.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["EncoderCache", "model_fingerprint", "audio_key"]
+from conslu.audio import MAX_SECONDS, load_audio, log_mel
+
+__all__ = ["EncoderCache", "model_fingerprint", "audio_key", "encoder_cache", "fill_encoder_cache", "base_encoder"]
 
 
 def model_fingerprint(encoder: torch.nn.Module, feature_extractor: object | None = None) -> str:
@@ -126,3 +133,51 @@ class EncoderCache:
             for (_, k), row in zip(chunk, out):
                 self.put(k, row)
         return len(todo)
+
+
+def encoder_cache(encoder: torch.nn.Module, feature_extractor: Any, root: str | os.PathLike | None) -> EncoderCache:
+    """The :class:`EncoderCache` of this encoder and feature extractor (in memory when ``root`` is None)."""
+    return EncoderCache(root, model_fingerprint(encoder, feature_extractor))
+
+
+def fill_encoder_cache(cache: EncoderCache, encoder: torch.nn.Module, feature_extractor: Any, paths: Sequence[str], *,
+                       batch_size: int = 8, max_seconds: float | None = MAX_SECONDS, desc: str | None = None) -> int:
+    """Encode every audio file of ``paths`` not cached yet; returns how many were computed.
+
+    The encoder runs in eval mode (its mode is restored afterwards) on its own device and dtype;
+    audio longer than ``max_seconds`` is refused (:func:`conslu.audio.load_audio`). ``desc``: show
+    a progress bar (stderr) with this label.
+    """
+    def load(ps: list[str]) -> torch.Tensor:
+        return log_mel([load_audio(p, max_seconds=max_seconds) for p in ps], feature_extractor)
+
+    def encode(features: torch.Tensor) -> torch.Tensor:
+        p = next(encoder.parameters())
+        return encoder(features.to(p.device, p.dtype)).last_hidden_state
+
+    progress = None
+    if desc is not None:
+        from tqdm import tqdm
+
+        def progress(chunks: Iterable) -> Iterable:
+            chunks = list(chunks)
+            return tqdm(chunks, desc=desc, unit="batch", file=sys.stderr, dynamic_ncols=True, disable=not chunks)
+
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        return cache.fill(list(paths), load, encode, batch_size=batch_size, progress=progress)
+    finally:
+        encoder.train(was_training)
+
+
+def base_encoder(model: str) -> tuple[torch.nn.Module, Any]:
+    """(encoder in eval mode, feature extractor) of a base Whisper model; the encoder of every ConSLU
+    model trained from it with a frozen encoder is identical, so cache keys agree."""
+    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    from conslu.pretrained import resolve_model
+
+    where = resolve_model(model)
+    whisper = WhisperForConditionalGeneration.from_pretrained(where)
+    return whisper.get_encoder().eval(), WhisperFeatureExtractor.from_pretrained(where)

@@ -6,16 +6,20 @@ restrict every label step to the labels the grammar allows under the current par
 
 The JSON file (``Grammar.save``) is deterministic: sorted keys and lists, source files recorded by
 base name and sha256 (not by absolute path), so rebuilding from the same data gives the same bytes.
+
+Shipped grammars are package data (``conslu/grammars/<name>.json``, found with
+:mod:`importlib.resources`, so a wheel install has them too). Wherever a user names a grammar
+(``conslu init --grammar``, ``conslu grammar show``, ``ConSLU.init``) :func:`load_grammar` takes a
+file path or a shipped short name such as ``topv2``; an existing file wins over a short name.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import sys
 from collections import Counter
+from importlib import resources
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -34,6 +38,9 @@ from conslu.logical_form import (
 
 FORMAT_NAME = "conslu-grammar"
 FORMAT_VERSION = 1
+
+# Shipped grammars: <name>.json in this folder of the conslu package.
+SHIPPED_DIR = "grammars"
 
 # Logical-form columns, in order of preference, when --field is not given.
 DEFAULT_FIELDS = ("decoupled_normalized_seqlogical", "semantic_parse", "normalized_seqlogical", "seqlogical")
@@ -283,15 +290,21 @@ class Grammar:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Grammar":
+        """Read a grammar JSON file (a path only; :func:`load_grammar` also takes shipped names)."""
         try:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise GrammarError(f"{path}: cannot read grammar: {e.strerror or e}") from None
+        return cls.from_json(text, str(path))
+
+    @classmethod
+    def from_json(cls, text: str, origin: str = "grammar") -> "Grammar":
+        """Parse the JSON text of a grammar file; errors name ``origin``."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise GrammarError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-        return cls.from_dict(data, str(path))
+            raise GrammarError(f"{origin}:{e.lineno}: invalid JSON: {e.msg}") from None
+        return cls.from_dict(data, origin)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Grammar):
@@ -301,6 +314,49 @@ class Grammar:
     def __repr__(self) -> str:
         s = self.stats()
         return f"Grammar(intents={s['intents']}, slots={s['slots']}, pairs={s['pairs']}, max_depth={s['max_depth']})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Shipped grammars and short names.
+
+
+def _shipped_root():
+    return resources.files("conslu") / SHIPPED_DIR
+
+
+def shipped_grammars() -> list[str]:
+    """Short names of the grammars shipped with the package (``conslu/grammars/<name>.json``)."""
+    root = _shipped_root()
+    if not root.is_dir():
+        return []
+    return sorted(f.name[: -len(".json")] for f in root.iterdir() if f.name.endswith(".json") and f.is_file())
+
+
+def resolve_grammar(name_or_path: str | os.PathLike) -> Path:
+    """The file of a grammar named by a path or a shipped short name (``topv2``).
+
+    An existing file is returned as is (so a local file named like a shipped grammar wins); else a
+    shipped name gives its package-data file. Neither raises :class:`GrammarError` with a one-line
+    message listing the shipped names.
+    """
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise GrammarError(f"{text}: is a folder, not a grammar JSON file")
+    if text in shipped_grammars():
+        return Path(str(_shipped_root() / f"{text}.json"))
+    names = ", ".join(shipped_grammars()) or "none"
+    raise GrammarError(f"{text}: no such grammar file and not a shipped grammar name (shipped: {names})")
+
+
+def load_grammar(grammar: "Grammar | str | os.PathLike") -> Grammar:
+    """A :class:`Grammar` from a ``Grammar`` (returned as is), a JSON file path or a shipped short
+    name (:func:`resolve_grammar`)."""
+    if isinstance(grammar, Grammar):
+        return grammar
+    return Grammar.load(resolve_grammar(grammar))
 
 
 def check_coverage(grammar: Grammar, paths: Sequence[str | os.PathLike], field: str | None = None,
@@ -335,76 +391,3 @@ def check_coverage(grammar: Grammar, paths: Sequence[str | os.PathLike], field: 
                          for (p, c), k in sorted(unseen.items(), key=lambda x: (-x[1], x[0]))],
         "files": files,
     }
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-
-def _err(msg: str) -> int:
-    print(f"conslu: error: {msg}", file=sys.stderr)
-    return 2
-
-
-def cmd_extract(args: argparse.Namespace) -> int:
-    """``conslu grammar extract DATA... --out G.json [--field F] [--skip-bad]``"""
-    try:
-        paths = resolve_data(args.data, splits=("train",))
-        skipped: list[str] = []
-        grammar = Grammar.from_files(paths, field=args.field, skip_bad=args.skip_bad, skipped=skipped)
-        if grammar.n_trees == 0:
-            return _err(f"no trees found in {', '.join(map(str, paths))}")
-        out = grammar.save(args.out)
-    except (GrammarError, OSError) as e:
-        return _err(str(e))
-    s = grammar.stats()
-    print(f"wrote {out}: {grammar.n_trees} trees from {len(paths)} file(s); {s['intents']} intents, "
-          f"{s['slots']} slots, {s['pairs']} pairs, max depth {s['max_depth']}")
-    if skipped:
-        print(f"skipped {len(skipped)} malformed row(s); first: {skipped[0]}", file=sys.stderr)
-    return 0
-
-
-def cmd_show(args: argparse.Namespace) -> int:
-    """``conslu grammar show G.json [--json] [--check DATA...]``"""
-    try:
-        grammar = Grammar.load(args.grammar)
-        check = None
-        if args.check is not None:
-            if not args.check:
-                return _err("--check needs at least one DATA file or folder")
-            check = check_coverage(grammar, resolve_data(args.check, splits=("eval", "test")))
-    except (GrammarError, OSError) as e:
-        return _err(str(e))
-    if args.json:
-        out = dict(grammar.stats())
-        out["trees"] = grammar.n_trees
-        out["sources"] = grammar.sources
-        if check is not None:
-            out["check"] = check
-        print(json.dumps(out, indent=1, sort_keys=True))
-        return 0
-    s = grammar.stats()
-    print(f"grammar {args.grammar}")
-    for key in ("intents", "slots", "pairs", "max_depth"):
-        print(f"  {key:<10} {s[key]:>6}")
-    print(f"  {'trees':<10} {grammar.n_trees:>6}")
-    for src in grammar.sources:
-        print(f"  source     {src.get('path')}  sha256 {str(src.get('sha256', ''))[:12]}")
-    print()
-    width = max([len(p) for p in grammar.children] + [6])
-    print(f"  {'parent':<{width}}  children  occurrences")
-    for parent in sorted(grammar.children, key=lambda p: (p != ROOT, p)):
-        total = sum(grammar.counts.get(parent, {}).values())
-        print(f"  {parent:<{width}}  {len(grammar.children[parent]):>8}  {total:>11}")
-    if check is not None:
-        print()
-        print(f"check: {check['inexpressible']} of {check['n']} trees ({100 * check['fraction']:.2f}%) "
-              f"use a pair the grammar does not allow; {check['malformed']} malformed row(s) skipped")
-        for f in check["files"]:
-            print(f"  {f['path']}: {f['inexpressible']} of {f['n']}")
-        if check["unseen_pairs"]:
-            print(f"  unseen pairs ({len(check['unseen_pairs'])}):")
-            for up in check["unseen_pairs"]:
-                print(f"    {up['parent']} -> {up['child']}  ({up['trees']} trees)")
-    return 0

@@ -22,16 +22,13 @@ reported under ``missing``; hypotheses whose id is not among the references are 
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
 import jiwer
 
-from conslu.grammar import Grammar, GrammarError
+from conslu.grammar import Grammar
 from conslu.jsonl import JSONLError, iter_jsonl
 from conslu.logical_form import MalformedTreeError, is_well_formed, parse_tree, tokens
 
@@ -156,7 +153,7 @@ def score(refs: list[dict], hyps: list[dict], grammar: Grammar | None = None) ->
 
 
 # ----------------------------------------------------------------------------------------------
-# JSONL reading and the CLI
+# JSONL reading and the table (`conslu score`: conslu.commands.score)
 
 
 def read_jsonl(path: str | Path, *, reference: bool) -> list[dict]:
@@ -203,28 +200,3 @@ def format_table(result: dict) -> str:
     for domain, r in result["per_domain"].items():
         lines.append(row(domain, r))
     return "\n".join(lines)
-
-
-def cmd_score(args: argparse.Namespace) -> int:
-    """``conslu score --ref REF.jsonl --hyp HYP.jsonl [--grammar G.json] [--json]``"""
-    try:
-        refs = read_jsonl(args.ref, reference=True)
-        hyps = read_jsonl(args.hyp, reference=False)
-        grammar = Grammar.load(args.grammar) if args.grammar else None
-        result = score(refs, hyps, grammar)
-    except (ScoreError, GrammarError) as e:
-        print(f"conslu: error: {e}", file=sys.stderr)
-        return 2
-    result["grammar"] = str(args.grammar) if args.grammar else None
-    if args.json:
-        print(json.dumps(result, indent=1, sort_keys=True))
-        return 0
-    print(format_table(result))
-    print(f"(validity: {'well-formed and allowed by ' + str(args.grammar) if args.grammar else 'well-formed only, no --grammar'})")
-    for what, verb in (("missing", "references have no hypothesis (scored as wrong)"),
-                       ("ignored", "hypotheses have no reference (ignored)")):
-        info = result[what]
-        if info["count"]:
-            more = ", ..." if info["count"] > len(info["ids"]) else ""
-            print(f"conslu score: {info['count']} {verb}: {', '.join(info['ids'])}{more}", file=sys.stderr)
-    return 0

@@ -9,10 +9,8 @@ ablation (simplified/whislu x loss/decoding/both/none) is the same code.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -115,19 +113,21 @@ class ConSLU:
         self.constraints = constraints
         self._tables: Tables | None = None
         self._prior: Any = None
+        self._cpu_tab: Tables | None = None
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
     def init(cls, base: str, grammar: Grammar | str | os.PathLike, target_format: str = "simplified",
              constraints: str = "both") -> "ConSLU":
-        """An untrained ConSLU from a Whisper folder / short name and a grammar (object or JSON path)."""
+        """An untrained ConSLU from a Whisper folder / short name and a grammar: a ``Grammar``, a JSON
+        file path or a shipped short name such as ``topv2`` (:func:`conslu.grammar.load_grammar`)."""
         from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
+        from conslu.grammar import load_grammar
         from conslu.pretrained import resolve_model
 
         _check_settings(target_format, constraints)
-        if not isinstance(grammar, Grammar):
-            grammar = Grammar.load(grammar)
+        grammar = load_grammar(grammar)
         where = resolve_model(str(base))
         model = WhisperForConditionalGeneration.from_pretrained(where)
         fe = WhisperFeatureExtractor.from_pretrained(where)
@@ -291,7 +291,7 @@ class ConSLU:
         if t is None:
             raise ValueError("constraint states need the simplified target format")
         if t.device.type != "cpu":
-            if getattr(self, "_cpu_tab", None) is None or self._cpu_tab.vocab_size != t.vocab_size:
+            if self._cpu_tab is None or self._cpu_tab.vocab_size != t.vocab_size:
                 self._cpu_tab = t.to("cpu")
             return self._cpu_tab
         return t
@@ -363,17 +363,3 @@ class ConSLU:
 def _options(options: DecodingOptions | None, overrides: dict) -> DecodingOptions:
     options = options or DecodingOptions()
     return options.replace(**overrides) if overrides else options
-
-
-def cmd_init(args: argparse.Namespace) -> int:
-    """`conslu init`: write an untrained ConSLU folder."""
-    try:
-        slu = ConSLU.init(args.model, args.grammar, args.target_format, args.constraints)
-        out = slu.save_pretrained(args.out)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"conslu init: error: {e}", file=sys.stderr)
-        return 2
-    n = slu.model.get_input_embeddings().weight.shape[0]
-    print(f"wrote {out} ({slu.target_format} target, constraints={slu.constraints}, "
-          f"{len(slu.tokenizer.label_tokens)} label tokens, vocabulary {n})")
-    return 0

@@ -149,10 +149,10 @@ def resolve_model(name_or_path: str) -> str:
     model = lookup(text)
     if model is None:
         return text
-    from conslu.ct2 import _dir_is_complete, convert_ct2
+    from conslu.ct2 import convert_ct2, is_converted
 
     target = cache_dir(model.name)
-    if _dir_is_complete(target):
+    if is_converted(target):
         return str(target)
     try:
         folders = package_files(model)

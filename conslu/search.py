@@ -15,8 +15,10 @@ Speculation is lossless: every kept token is the argmax of exactly the logits pl
 Beam search: ``beam_size`` hypotheses per utterance, ranked on the trained distribution: in the
 transcript the log-softmax over the whole vocabulary (the loss there is plain cross-entropy), after
 "|" the log-softmax over the candidate set C_t (the constrained loss, Eq. 2). Finished hypotheses
-are collected until there are ``beam_size`` of them (openai/whisper's rule), then ranked by
-sum log-prob / length (``length_penalty`` None) or over ``((5 + length) / 6) ** length_penalty``.
+are ranked by their summed log-prob (``length_penalty`` 0: the search stops once no live hypothesis
+can beat the best finished one, since log-probs only lower a sum), by sum / length (None) or over
+``((5 + length) / 6) ** length_penalty``; with a length-normalised ranking the search stops when
+``beam_size`` hypotheses have finished (openai/whisper's rule).
 
 Loop guard (``conslu.guard``): a transcript that starts to loop is cut back to its first copy (its
 cache slots become holes) and "|" is forced, in both searches.
@@ -87,7 +89,7 @@ class DecodingTask:
     stop it; ``stop_at_separator`` (benchmarks): a row also finishes at "|"."""
 
     def __init__(self, model: Any, tables: Tables | None, prompt: Sequence[int], *, max_new_tokens: int,
-                 constrained: bool = True, beam_size: int = 1, length_penalty: float | None = None,
+                 constrained: bool = True, beam_size: int = 1, length_penalty: float | None = 0.0,
                  draft_len: int = 0, prior: LabelDrafter | None = None, draft_budget: int | None = None,
                  loop_guard: bool = True, suppress: bool = True, eos_id: int, pad_id: int,
                  exact_lengths: Sequence[int] | None = None, stop_at_separator: bool = False,
@@ -193,7 +195,7 @@ class DecodingTask:
         from the full matmul in the last bits, so a position whose two best candidates are within
         ``TIE_TOL`` (relative) is recomputed from its full row.
         """
-        V, stats, sup_t, begin_t = self.V, self.stats, self.sup_t, self.begin_t
+        V, stats, sup_t = self.V, self.stats, self.sup_t
         if logits is not None:
             scores = logits.reshape(-1, logits.shape[-1])[:, :V].float()
             if scores.shape[-1] < V:
@@ -436,6 +438,14 @@ class DecodingTask:
         lp = self.length_penalty
         return total / (length if lp is None else ((5 + length) / 6) ** lp)
 
+    def _settled(self, finished: list[tuple[float, float, list[int]]], best_live: float) -> bool:
+        """Whether an utterance's search may stop. Ranked by the plain sum (``length_penalty`` 0),
+        no live hypothesis can beat the best finished one once its sum is lower (log-probs only
+        decrease it): stop then. Ranked per length, openai/whisper's rule: ``beam_size`` finished."""
+        if self.length_penalty == 0:
+            return bool(finished) and max(f[1] for f in finished) >= best_live
+        return len(finished) >= self.beam_size
+
     def _beam(self, enc: Tensor) -> list[list[int]]:
         B, K = enc.shape[0], self.beam_size
         R = B * K
@@ -486,7 +496,7 @@ class DecodingTask:
                         continue
                     src[b * K + kept], new_tok[b * K + kept], new_score[b * K + kept] = r, t, s
                     kept += 1
-                if len(finished[b]) >= K or kept == 0:
+                if kept == 0 or self._settled(finished[b], float(new_score[b * K])):
                     closed[b] = True
             if all(closed):
                 break
@@ -494,13 +504,18 @@ class DecodingTask:
             self.ids, self.n, tok_lp = self.ids[src], self.n[src], tok_lp[src]
             self.keep, self.force = self.keep[src], self.force[src]
             self.state = self.state.index(src) if self.state is not None else None
-            self.cache.reorder_cache(src)
+            # beams only move within their utterance, whose cross-attention keys/values are the same
+            getattr(self.cache, "self_attention_cache", self.cache).reorder_cache(src)
             rows = torch.arange(R, device=device)
-            self.ids[rows, self.n] = new_tok
-            tok_lp[rows, self.n] = torch.where(torch.isfinite(new_score), lp_new, 0.0)
+            alive = torch.isfinite(new_score)  # rows of finished utterances stay where they are
+            cols = torch.where(alive, self.n, self.ids.shape[1] - 1)
+            self.ids[rows, cols] = torch.where(alive, new_tok, self.pad)
+            self.ids[:, -1] = self.pad
+            tok_lp[rows, cols] = torch.where(alive, lp_new, 0.0)
+            tok_lp[:, -1] = 0.0
             if self.state is not None:
                 self.state = advance(self.state, new_tok, self.seq, self.tables)
-            self.n = self.n + 1
+            self.n = self.n + alive.long()
             score = new_score
             self.done = ~torch.isfinite(score)
             drop = self.guard()

@@ -13,7 +13,6 @@ constrained greedy decoding.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 

@@ -30,7 +30,6 @@ than mixing two corpora. A lock file stops two runs writing the same folder at o
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import io
 import json
@@ -57,7 +56,7 @@ from conslu.atomic import atomic_write_text
 __all__ = [
     "DEFAULT_VOICES", "RATE_RANGE", "PITCH_RANGE", "SPLITS", "SynthError", "Utterance", "Speaker",
     "file_id_for", "audio_path_for", "choose_speaker", "voice_gender", "speak", "render", "spread",
-    "synthesize", "cmd_synth",
+    "synthesize",
 ]
 
 SPLITS = ("train", "eval", "test")
@@ -527,43 +526,3 @@ def _run_jobs(todo: list, noise_snr: float | None, jobs: int | None, progress: b
         bar.close()
     pool.shutdown(wait=True)
     return failures
-
-
-def cmd_synth(args: argparse.Namespace) -> int:
-    splits = args.splits or None
-    if splits:
-        unknown = [s for s in splits if s not in SPLITS]
-        if unknown:
-            print(f"conslu synth: unknown split(s) {', '.join(unknown)} (choose from {', '.join(SPLITS)})", file=sys.stderr)
-            return 2
-    if args.limit is not None and args.limit < 0:
-        print("conslu synth: --limit must be >= 0", file=sys.stderr)
-        return 2
-    if args.jobs is not None and args.jobs < 1:
-        print("conslu synth: --jobs must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        report: list[str] = []
-        utts = read_inputs(args.files, splits=splits, domains=args.domains, skip_bad=args.skip_bad, report=report)
-        if not utts:
-            print("conslu synth: no utterances left after filtering (check --splits/--domains and the inputs)", file=sys.stderr)
-            return 1
-        res = synthesize(utts, args.out, seed=args.seed, voices=args.voices, noise_snr=args.noise_snr, jobs=args.jobs,
-                         limit=args.limit, skip_bad=args.skip_bad, progress=True, bad_rows=report)
-    except SynthError as e:
-        print(f"conslu synth: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:
-        name = type(e).__name__
-        if name in ("DataError", "MalformedTreeError", "FileNotFoundError", "IsADirectoryError"):
-            print(f"conslu synth: {e}", file=sys.stderr)
-            return 1
-        raise
-    for msg in res.bad_rows:
-        print(f"skipped: {msg}", file=sys.stderr)
-    per = res.wall_seconds / res.written if res.written else 0.0
-    print(f"conslu synth: {res.written} wav(s) written, {res.skipped} already done, {len(res.bad_rows)} bad row(s) "
-          f"skipped; {res.seconds_audio:.1f} s of audio in {res.wall_seconds:.1f} s"
-          + (f" ({per * 1000:.0f} ms per utterance)" if res.written else "") + f"; manifests: {', '.join(res.manifests)}",
-          file=sys.stderr)
-    return 0

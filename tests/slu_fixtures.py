@@ -1,4 +1,4 @@
-"""Shared fixtures for engineer E's tests: the real tiny.en tokenizer + a tiny random Whisper."""
+"""Builders shared by the tests: the real tiny.en tokenizer, the TOPv2 grammar, a tiny random Whisper."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 GRAMMAR = REPO / "grammar" / "topv2.json"
-TOPV2 = Path("/work/shared/data/topv2")
 
 EXAMPLES = [
     ("set an alarm for seven thirty tonight", "[IN:CREATE_ALARM [SL:DATE_TIME for seven thirty tonight ] ]"),
@@ -25,7 +24,7 @@ EXAMPLES = [
 
 
 def whisper_tokenizer():
-    """A fresh Whisper tokenizer (tiny.en vocabulary): D's converted folder if present, else the CT2 file."""
+    """A fresh Whisper tokenizer (tiny.en vocabulary): the converted folder if present, else the CT2 package's file."""
     from transformers import AutoTokenizer, WhisperTokenizerFast
 
     home = Path(os.environ.get("CONSLU_HOME", Path.home() / ".cache" / "conslu")) / "models" / "whisper-tiny.en"

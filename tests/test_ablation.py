@@ -91,11 +91,11 @@ def test_bad_arguments_are_refused() -> None:
 
 
 def test_config_and_overlays_parse_as_training_configs() -> None:
-    from conslu.train import cmd_train
+    from conslu.commands.train import run_argv
 
     for overlay in [None, *(o for o, _ in run.MODELS.values() if o is not None)]:
         extra = ["--config", str(overlay)] if overlay else []
-        assert cmd_train(["--config", str(run.CONFIG), *extra, "--print_config"]) == 0
+        assert run_argv(["--config", str(run.CONFIG), *extra, "--print_config"]) == 0
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ import torch
 
 from conslu.constraints import BODY, DONE, ERROR, LABEL, OPEN, advance, candidate_mask, init_state
 from conslu.loss import lf_candidate_mask, teacher_states
-from slu_fixtures import EXAMPLES, TOPV2, batch_labels, grammar, slu_tokenizer, tables
+from conftest import TOPV2_DIR, TOPV2_SAMPLE
+from slu_fixtures import batch_labels, grammar, slu_tokenizer, tables
 
 
 def _ids(*names):
@@ -94,7 +95,7 @@ def _topv2_pairs(limit_per_file=None):
     from conslu.logical_form import decouple, parse_tree, words
 
     pairs = []
-    for path in sorted(TOPV2.glob("*_eval.tsv")):
+    for path in sorted((TOPV2_DIR or TOPV2_SAMPLE).glob("*_eval.tsv")):  # the whole release when present
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f, delimiter="\t"))
         for row in rows[:limit_per_file]:

@@ -242,8 +242,10 @@ def test_lookup_and_resolve(tmp_path: Path, monkeypatch) -> None:
         pretrained.resolve_model("whisper-x")
     monkeypatch.setattr(pretrained, "_hub_reachable", lambda timeout=3.0: True)
     assert pretrained.resolve_model("x") == "openai/whisper-x"  # online users get the hub id
+    from conslu.commands import convert_ct2
+
     args = argparse.Namespace(src="whisper-x", out=None, force=False)
-    assert ct2.cmd_convert(args) == 1
+    assert convert_ct2.run(args) == 1
 
 
 # ----------------------------------------------------------------------------- real tiny.en weights

@@ -8,7 +8,7 @@ import pytest
 
 from conslu.data import (COLUMNS, STOP_COLUMNS, DataError, read_any, read_stop, read_topv2,
                          stop_row, write_manifest)
-from tests.conftest import TOPV2_DIR
+from conftest import TOPV2_SAMPLE
 
 TREE = "[IN:CREATE_ALARM Set the alarm [SL:DATE_TIME for 7 : 30 tonight ] . ]"
 
@@ -145,10 +145,16 @@ def test_read_stop_not_a_release(tmp_path: Path) -> None:
         read_stop(tmp_path / "nope")
 
 
-def test_read_topv2_shared_files() -> None:
+def test_read_topv2_sample_files() -> None:
+    ds = read_topv2(sorted(TOPV2_SAMPLE.glob("*.tsv")))
+    assert ds.column_names == COLUMNS
+    assert sorted(set(ds["split"])) == ["eval", "train"] and len(ds) > 600
+    assert all(t and lf.startswith("[IN:") for t, lf in zip(ds["transcript"], ds["logical_form"]))
+
+
+def test_read_topv2_full_release(topv2_full: Path) -> None:
+    TOPV2_DIR = topv2_full
     files = sorted(TOPV2_DIR.glob("*.tsv"))
-    if not files:
-        pytest.skip(f"no TOPv2 files in {TOPV2_DIR}")
     ds = read_topv2(files, limit=50)
     assert ds.column_names == COLUMNS
     assert sorted(set(ds["split"])) == ["eval", "train"]

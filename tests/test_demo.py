@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conslu import demo
+from conslu.commands import demo as command
 
 
 def _score(em: float, valid: float, n: int = 10) -> dict:
@@ -64,13 +65,36 @@ def test_sample_sentence_is_not_a_training_transcript() -> None:
         demo._pick_sample([{"transcript": t} for t, _ in demo.SAMPLES])
 
 
+def _args(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    command.add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_command_module_interface(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    assert command.NAME == "demo" and command.HELP == "end-to-end CPU demo on embedded data"
+    args = _args()
+    assert (args.workdir, args.quick, args.seed) == ("runs/demo", False, 0)
+    from conslu.data import DataError
+
+    def fail(workdir, settings, seed=0):  # type: ignore[no-untyped-def]
+        assert settings is demo.QUICK and workdir == Path("w") / "quick" and seed == 3
+        raise DataError("w/corpus/manifests/train.tsv:2: malformed tree")
+
+    monkeypatch.setattr(demo, "run_demo", fail)
+    assert command.run(_args("--workdir", "w", "--quick", "--seed", "3")) == 1  # a known input problem: one line
+    assert capsys.readouterr().err == "conslu demo: w/corpus/manifests/train.tsv:2: malformed tree\n"
+    assert demo.cmd_demo(_args("--workdir", "w", "--quick", "--seed", "3")) == 1  # the old entry point forwards
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # bugs keep their traceback
+        command.run(_args())
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
 def test_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from conslu.cli import build_parser
-
-    args = build_parser().parse_args(["demo", "--workdir", str(tmp_path / "demo"), "--quick"])
-    assert demo.cmd_demo(args) == 0
+    args = _args("--workdir", str(tmp_path / "demo"), "--quick")
+    assert command.run(args) == 0
     out = capsys.readouterr()
     work = tmp_path / "demo" / "quick"
     summary = json.loads((work / "demo.json").read_text())
@@ -90,6 +114,6 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) ->
         assert f"[{stage}/5]" in out.err
 
     # rerun: corpus and model are reused, not rebuilt
-    assert demo.cmd_demo(args) == 0
+    assert command.run(args) == 0
     err = capsys.readouterr().err
     assert "0 wav(s) written" in err and "skipped" in err and "0 computed" in err

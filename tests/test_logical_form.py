@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -23,14 +22,14 @@ from conslu.logical_form import (
     words,
 )
 
-TOPV2 = Path(os.environ.get("CONSLU_TOPV2_DIR", "/work/shared/data/topv2"))
+from conftest import NO_TOPV2, TOPV2_DIR, TOPV2_SAMPLE
 NESTED = ("[IN:CREATE_REMINDER Remind [SL:PERSON_REMINDED me ] to [SL:TODO [IN:SEND_MESSAGE text "
           "[SL:RECIPIENT Renee ] ] when it 's ] [SL:DATE_TIME after 10 am ] . ]")
 
 
-def _topv2_trees() -> list[str]:
+def _topv2_trees(folder: Path) -> list[str]:
     out = []
-    for path in sorted(TOPV2.glob("*_*.tsv")):
+    for path in sorted(folder.glob("*_*.tsv")):
         with open(path, encoding="utf-8") as fh:
             header = fh.readline().rstrip("\n").split("\t")
             col = header.index("semantic_parse")
@@ -38,9 +37,14 @@ def _topv2_trees() -> list[str]:
     return out
 
 
-@pytest.mark.skipif(not any(TOPV2.glob("*_train.tsv")), reason=f"TOPv2 data not found in {TOPV2}")
+def test_round_trip_sample_trees() -> None:
+    trees = _topv2_trees(TOPV2_SAMPLE)
+    assert len(trees) > 600 and all(str(parse_tree(s)) == s for s in trees)
+
+
+@pytest.mark.skipif(TOPV2_DIR is None, reason=NO_TOPV2)
 def test_round_trip_every_topv2_tree() -> None:
-    trees = _topv2_trees()
+    trees = _topv2_trees(TOPV2_DIR)
     assert len(trees) > 140_000  # train + eval of all 8 domains
     bad = [s for s in trees if str(parse_tree(s)) != s]
     assert bad == []

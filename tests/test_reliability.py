@@ -1,4 +1,4 @@
-"""Issue 8 — reliability across the toolkit: bad inputs, interruptions, data safety.
+"""Reliability across the toolkit: bad inputs, interruptions, data safety.
 
 Cross-module, end-to-end cases (through ``conslu.cli.main``) that the per-module suites do not
 cover. Already covered elsewhere and not repeated here:
@@ -326,8 +326,7 @@ def train_corpus(root: Path) -> Path:
 
 def test_training_data_module_bad_rows_and_unknown_labels(tmp_path, capsys):
     from conslu.data import DataError
-    from conslu.grammar import Grammar
-    from conslu.train import SLUDataModule
+    from conslu.training import SLUDataModule
 
     root = train_corpus(tmp_path / "stop")
     m = root / "manifests" / "train.tsv"
@@ -343,13 +342,13 @@ def test_training_data_module_bad_rows_and_unknown_labels(tmp_path, capsys):
     # a label the model's grammar lacks: refused before training with manifest:line ...
     from slu_fixtures import tiny_conslu
 
-    module = SimpleNamespace(slu=tiny_conslu(0))
+    slu = tiny_conslu(0)
     strict = SLUDataModule(str(root))
     strict.train_rows = list(dm.train_rows)
     with pytest.raises(DataError, match=rf"{m}:5: label\(s\) IN:NOT_IN_GRAMMAR not in the model's grammar"):
-        strict.check_labels(module)
+        strict.connect(slu)
     # ... or left out and reported with skip_bad
-    dm.check_labels(module)
+    dm.connect(slu)
     assert [r["id"] for r in dm.train_rows] == ["train/weather_train/0.wav", "train/alarm_train/1.wav"]
     assert f"conslu train: skipped {m}:5: label(s) IN:NOT_IN_GRAMMAR" in capsys.readouterr().err
     # a tree whose words are not whole-word copies of the transcript: refused, never a silent fallback
@@ -357,20 +356,20 @@ def test_training_data_module_bad_rows_and_unknown_labels(tmp_path, capsys):
     first = dict(dm.train_rows[0], logical_form="[IN:GET_WEATHER [SL:LOCATION paris ] ]")
     uncopyable.train_rows = [first, dict(dm.train_rows[1])]
     with pytest.raises(DataError, match=r"the tree's words are not whole-word, in-order copies of the transcript"):
-        uncopyable.check_labels(module)
+        uncopyable.connect(slu)
     half = dict(dm.train_rows[0])
     words = half["transcript"].split()
     assert len(words[0]) > 2
     half["logical_form"] = f"[IN:GET_WEATHER [SL:LOCATION {words[0][:2]} ] ]"  # part of a word
     lenient = SLUDataModule(str(root), skip_bad=True)
     lenient.train_rows = [half, dict(dm.train_rows[1])]
-    lenient.check_labels(module)
+    lenient.connect(slu)
     assert [r["id"] for r in lenient.train_rows] == [dm.train_rows[1]["id"]]
     assert "not whole-word, in-order copies" in capsys.readouterr().err
     # WhiSLU targets are plain text: no label check
     whislu = SLUDataModule(str(root))
     whislu.train_rows = [{"id": "x", "logical_form": "[IN:ANYTHING ]"}]
-    whislu.check_labels(SimpleNamespace(slu=SimpleNamespace(grammar=module.slu.grammar, target_format="whislu")))
+    whislu.connect(tiny_conslu(0, target_format="whislu", constraints="none"))
     assert len(whislu.train_rows) == 1
 
 
@@ -428,7 +427,7 @@ def test_simplified_checkpoint_labelled_whislu_is_refused(tiny_model_dir, tmp_pa
 
 def test_training_checkpoint_of_another_target_format_is_refused():
     from conslu.grammar import Grammar
-    from conslu.train import SLUModule
+    from conslu.training import SLUModule
 
     g = Grammar.load(GRAMMAR)
     module = SLUModule.__new__(SLUModule)  # only the hook is exercised; no model is built
@@ -450,7 +449,7 @@ def test_training_checkpoint_of_another_target_format_is_refused():
 SLOW_EVAL = """
 import sys, time
 sys.path.insert(0, {tests!r})
-import conslu.evaluate
+import conslu.parse
 from conslu.grammar import Grammar
 from parse_fixtures import FakeModel
 class Slow(FakeModel):
@@ -459,7 +458,7 @@ class Slow(FakeModel):
         return super().parse(audios, options)
 import json
 table = {{int(k): tuple(v) for k, v in json.loads(open(sys.argv[2]).read()).items()}}
-conslu.evaluate.load_model = lambda *a, **k: Slow(table, grammar=Grammar.load({grammar!r}))
+conslu.parse.load_model = lambda *a, **k: Slow(table, grammar=Grammar.load({grammar!r}))
 from conslu.cli import main
 sys.exit(main(sys.argv[3:]))
 """
@@ -501,10 +500,11 @@ def test_evaluate_sigkill_and_rerun_equals_uninterrupted(tmp_path):
 
 
 def test_train_interrupt_exits_130_and_loads_checkpoints_weights_only(monkeypatch, capsys):
-    """Cross-check of cmd_train (the resume itself: test_train.py::test_resume_continues_from_same_step).
-    Lightning loads .ckpt files with torch.load; cmd_train passes weights_only=True so neither torch's
+    """Cross-check of `conslu train` (the resume itself: test_train.py::test_resume_continues_from_same_step).
+    Lightning loads .ckpt files with torch.load; training passes weights_only=True so neither torch's
     default nor TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD can make it unpickle code from a checkpoint."""
-    from conslu import train as tr
+    from conslu.commands.train import run_argv
+    from conslu.training import cli as training_cli
 
     seen: dict = {}
 
@@ -522,11 +522,11 @@ def test_train_interrupt_exits_130_and_loads_checkpoints_weights_only(monkeypatc
             self.config = {"ckpt_path": None}
             self.trainer, self.model, self.datamodule = Trainer(), None, None
 
-    monkeypatch.setattr(tr, "SLUCLI", FakeCLI)
-    assert tr.cmd_train([]) == 0
+    monkeypatch.setattr(training_cli, "SLUCLI", FakeCLI)
+    assert run_argv([]) == 0
     assert seen["weights_only"] is True
     seen["interrupt"] = True
-    assert tr.cmd_train([]) == 130
+    assert run_argv([]) == 130
     assert "resume with --ckpt_path last" in capsys.readouterr().err
 
 
@@ -601,8 +601,8 @@ def test_model_save_interrupted_keeps_old_folder(tiny_model_dir, tmp_path, monke
 
 
 def test_export_model_interrupted_keeps_old_folder(tiny_model_dir, tmp_path, monkeypatch):
-    from conslu import train as tr
     from conslu.model import ConSLU
+    from conslu.training import export_model
 
     dest = _copy(tiny_model_dir, tmp_path / "best")
     before = sorted(p.name for p in dest.iterdir())
@@ -616,7 +616,7 @@ def test_export_model_interrupted_keeps_old_folder(tiny_model_dir, tmp_path, mon
 
     monkeypatch.setattr(os, "replace", fail_second)
     with pytest.raises(OSError):
-        tr.export_model(slu, dest, {"value": 1.0})
+        export_model(slu, dest, {"value": 1.0})
     monkeypatch.setattr(os, "replace", real)
     assert sorted(p.name for p in dest.iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["best"]
@@ -681,7 +681,7 @@ def test_written_model_folders_hold_safetensors_only(tiny_model_dir, tmp_path):
 
     from conslu.ct2 import convert_ct2
     from conslu.model import ConSLU
-    from conslu.train import export_model
+    from conslu.training import export_model
 
     folders = [tiny_model_dir, export_model(ConSLU.from_pretrained(tiny_model_dir), tmp_path / "exported", {"x": 1})]
     variables, aliases = w.hf_to_ct2(w.tiny_hf_model(d_model=32, heads=2, layers=1), "float32")

@@ -1,4 +1,5 @@
-"""Training (conslu.train): bucketing, SpecAugment, configs, a tiny training run, resume, export, cache.
+"""Training (conslu.training, `conslu train`): bucketing, SpecAugment, collation, validation scores, the
+schedule, configs, a tiny training run, resume, export, cache, the command modules.
 
 Everything runs on a tiny random Whisper (1 layer, d_model 64) with the real Whisper tokenizer
 (converted tiny.en files) and a tiny STOP-layout corpus of noise recordings.
@@ -15,13 +16,13 @@ import pytest
 import torch
 import yaml
 
-from conslu.train import (
+from conslu.commands.train import run_argv
+from conslu.training import (
     BucketBatchSampler,
     ExportBest,
     SLUDataModule,
     SLUModule,
     SpecAugment,
-    cmd_train,
     export_model,
 )
 
@@ -192,7 +193,7 @@ def test_module_rejects_bad_combinations() -> None:
 
 @pytest.mark.parametrize("conf", [c for c in CONFS if c.name != "ddp.yaml"], ids=lambda c: c.name)
 def test_configs_parse(conf: Path, capsys: pytest.CaptureFixture) -> None:
-    assert cmd_train(["--config", str(conf), "--config", str(REPO / "conf" / "ddp.yaml"), "--print_config"]) == 0
+    assert run_argv(["--config", str(conf), "--config", str(REPO / "conf" / "ddp.yaml"), "--print_config"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["trainer"]["strategy"] == "ddp"  # the overlay applies
     assert cfg["trainer"]["use_distributed_sampler"] is False
@@ -212,8 +213,8 @@ def test_expected_configs_exist() -> None:
 
 
 def test_bad_arguments_fail_cleanly(tmp_path: Path) -> None:
-    assert cmd_train(["--no_such_option", "1"]) != 0
-    code = cmd_train(["--config", str(REPO / "conf" / "cpu-tiny.yaml"), "--trainer.default_root_dir",
+    assert run_argv(["--no_such_option", "1"]) != 0
+    code = run_argv(["--config", str(REPO / "conf" / "cpu-tiny.yaml"), "--trainer.default_root_dir",
                       str(tmp_path), "--ckpt_path", "last"])
     assert code == 2  # nothing to resume: a one-line error, no training
 
@@ -227,7 +228,7 @@ class _Record(torch.nn.Module):
 
 
 def _run(args: list[str], stop_at: int | None = None) -> dict:
-    """Run cmd_train and return what a recording callback saw (``stop_at``: interrupt after that step)."""
+    """Run `conslu train` and return what a recording callback saw (``stop_at``: interrupt after that step)."""
     from lightning.pytorch.callbacks import Callback
 
     seen: dict = {"start_step": None, "batches": [], "losses": [], "opt_steps": None, "sched_epoch": None}
@@ -250,19 +251,19 @@ def _run(args: list[str], stop_at: int | None = None) -> dict:
             seen["end_step"] = trainer.global_step
             seen["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
-    import conslu.train as tr
+    from conslu.training import SLUCLI
 
-    orig = tr.SLUCLI.__init__
+    orig = SLUCLI.__init__
 
     def patched(self, *a, **kw):  # type: ignore[no-untyped-def]
         kw.setdefault("trainer_defaults", {})["callbacks"] = [Recorder()]
         orig(self, *a, **kw)
 
-    tr.SLUCLI.__init__ = patched  # type: ignore[method-assign]
+    SLUCLI.__init__ = patched  # type: ignore[method-assign]
     try:
-        assert cmd_train(args) == 0
+        assert run_argv(args) == 0
     finally:
-        tr.SLUCLI.__init__ = orig  # type: ignore[method-assign]
+        SLUCLI.__init__ = orig  # type: ignore[method-assign]
     return seen
 
 
@@ -328,26 +329,32 @@ def test_export_best_only_on_improvement() -> None:
 
 def test_cached_encoder_matches_uncached(tiny_whisper: Path, corpus: Path, tmp_path: Path) -> None:
     """Decoder loss on cached (fp16 on disk) encoder outputs equals the loss with the live encoder."""
-    from conslu.features import EncoderCache
+    from conslu.features import EncoderCache, fill_encoder_cache
 
     module = SLUModule(model=str(tiny_whisper), grammar="train", freeze_encoder=True, cache_encoder=True)
     dm = SLUDataModule(str(corpus), batch_size=4, cache_dir=str(tmp_path / "cache"), limit_train=4, shuffle=False)
     module.build(dm.train_logical_forms())
-    dm.attach(module)
-    cached_batch = next(iter(dm.train_dataloader()))
+    module.connect_data(dm)  # what SLUModule.setup does under a Trainer
+    assert isinstance(dm.encoder_cache, EncoderCache)
+    loader = dm.train_dataloader()  # made before the cache is filled (Lightning does so): reads it lazily
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
+    module.fill_encoder_cache(dm, validation=False)  # what SLUModule.on_fit_start does
+    cached_batch = next(iter(loader))
     assert cached_batch["encoder_outputs"].shape[1] == 1500  # full length: the decoder attends to all
     files = list((tmp_path / "cache").rglob("*.safetensors"))
     assert len(files) == 4
-    # a second filling computes nothing
+    # a second filling computes nothing (the one filler that the demo and the ablation recipe use too)
     cache = module.encoder_cache(str(tmp_path / "cache"))
-    assert isinstance(cache, EncoderCache)
-    assert module.fill_cache(cache, [r["audio"] for r in dm.train_rows], 30.0) == 0
+    assert cache is dm.encoder_cache
+    assert fill_encoder_cache(cache, module.whisper.get_encoder(), module.slu.feature_extractor,
+                              [r["audio"] for r in dm.train_rows]) == 0
 
     module2 = SLUModule(model=str(tiny_whisper), grammar="train", freeze_encoder=True)
     module2.build(dm.train_logical_forms())
     module2.whisper.load_state_dict(module.whisper.state_dict())
     dm2 = SLUDataModule(str(corpus), batch_size=4, limit_train=4, shuffle=False)
-    dm2.attach(module2)
+    module2.connect_data(dm2)
+    assert dm2.encoder_cache is None
     live_batch = next(iter(dm2.train_dataloader()))
     assert [r["id"] for r in live_batch["refs"]] == [r["id"] for r in cached_batch["refs"]]
     module.eval(), module2.eval()
@@ -355,3 +362,119 @@ def test_cached_encoder_matches_uncached(tiny_whisper: Path, corpus: Path, tmp_p
         a = module.compute_loss(cached_batch)
         b = module2.compute_loss(live_batch)
     assert torch.allclose(a, b, rtol=1e-2, atol=1e-3), (a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# collation, validation scores, schedule
+
+
+@pytest.mark.parametrize("constraints", ["both", "decoding"])
+def test_target_collator_matches_conslu_collate(constraints: str) -> None:
+    """The data-loader collator (tokenizer + CPU tables, no weights) makes ConSLU.collate's batch."""
+    import pickle
+
+    from slu_fixtures import tiny_conslu
+
+    from conslu.training import TargetCollator
+
+    slu = tiny_conslu(0, constraints=constraints)
+    examples = [("set an alarm for seven am", "[IN:CREATE_ALARM [SL:DATE_TIME for seven am ] ]",
+                 {"gender": "female", "native": "yes", "domain": "alarm"}),
+                ("delete my alarms", "[IN:DELETE_ALARM ]", {"domain": None})]
+    collate = TargetCollator.for_model(slu)
+    ours, theirs = collate(examples), slu.collate(examples)
+    assert sorted(ours) == sorted(theirs) == sorted(["decoder_input_ids", "labels"]
+                                                     + (["loss_states"] if constraints == "both" else []))
+    assert torch.equal(ours["decoder_input_ids"], theirs["decoder_input_ids"])
+    assert torch.equal(ours["labels"], theirs["labels"])
+    if constraints == "both":
+        a, b = ours["loss_states"], theirs["loss_states"]
+        for name in ("rows", "targets", "batch", "seq"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert torch.equal(a.state.phase, b.state.phase)
+    assert "labels" in collate(examples, with_states=False) and "loss_states" not in collate(examples, with_states=False)
+    assert pickle.loads(pickle.dumps(collate)).tables is not None  # noqa: S301 - a worker's copy, made here
+
+
+def test_validation_scores_equal_conslu_metrics_score() -> None:
+    """ValidationScores gives conslu.metrics.score's figures, counting DDP-padded repeats once."""
+    from conslu.grammar import Grammar
+    from conslu.metrics import score
+    from conslu.training import ValidationScores
+
+    grammar = Grammar.load(REPO / "grammar" / "topv2.json")
+    refs = [{"id": f"u{i}", "index": i, "transcript": t, "logical_form": lf, "domain": "x"}
+            for i, (t, lf) in enumerate([
+                ("set an alarm for seven am", "[IN:CREATE_ALARM [SL:DATE_TIME for seven am ] ]"),
+                ("delete my alarms", "[IN:DELETE_ALARM ]"),
+                ("what is the weather today", "[IN:GET_WEATHER [SL:DATE_TIME today ] ]"),
+                ("", "[IN:GET_WEATHER ]")])]
+    hyps = [{"transcript": "set an alarm for seven", "logical_form": "[IN:CREATE_ALARM [SL:DATE_TIME for seven ] ]"},
+            {"transcript": "delete my alarms", "logical_form": "[IN:DELETE_ALARM ]"},
+            {"transcript": "what is weather today", "logical_form": "[IN:GET_WEATHER today"},
+            {"transcript": "hello there", "logical_form": ""}]
+    m = ValidationScores()
+    m.update(refs[:2], hyps[:2], grammar, loss=1.25, loss_rows=2)
+    m.update(refs[2:], hyps[2:], grammar, loss=None, loss_rows=0)  # no encodable target in this batch
+    m.update(refs[:1], hyps[:1], grammar, loss=0.5, loss_rows=1)  # a repeated (padding) batch
+    got = m.compute()
+    want = score(refs, [dict(h, id=r["id"]) for r, h in zip(refs, hyps)], grammar)
+    for key in ("n", "em", "em_tree", "validity", "wer", "word_errors", "ref_words"):
+        assert got[key] == want[key], key
+    assert got["loss"] == (1.25 * 2 + 0.5) / 3  # every scored batch, as before
+    m.reset()
+    assert not m.update_called
+
+
+def test_schedule_is_linear_warmup_then_linear_decay(tiny_whisper: Path) -> None:
+    from types import SimpleNamespace
+
+    module = SLUModule(model=str(tiny_whisper), grammar=str(REPO / "grammar" / "topv2.json"), lr=1.0, warmup_steps=4)
+    module.build()
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    sched = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(11):
+        lrs.append(sched.get_last_lr()[0])
+        sched.optimizer.step()
+        sched.step()
+    assert lrs == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0.0])
+    module._trainer = SimpleNamespace(estimated_stepping_batches=float("inf"))  # no known end: constant after warm-up
+    sched = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    for _ in range(6):
+        sched.optimizer.step()
+        sched.step()
+    assert sched.get_last_lr()[0] == 1.0
+    module._trainer = None
+
+
+# ---------------------------------------------------------------------------------------------
+# the command module and the old names
+
+
+def test_train_command_module_and_compatibility_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    import conslu.commands.train as command
+    import conslu.train as old
+    import conslu.training as training
+
+    assert command.NAME == "train" and command.HELP and command.PASS_THROUGH is True
+    for name in ("SLUModule", "SLUDataModule", "BucketBatchSampler", "ExportBest", "export_model", "SLUCLI"):
+        assert getattr(old, name) is getattr(training, name), name  # old configs / checkpoints still load
+    seen = []
+    monkeypatch.setattr(command, "run_argv", lambda argv: seen.append(argv) or 7)
+    assert old.cmd_train(["--x"]) == 7 and seen == [["--x"]]  # the old entry point forwards
+
+
+def test_training_code_has_no_argparse_and_no_self_probing() -> None:
+    import ast
+
+    files = [REPO / "conslu" / "demo.py", REPO / "conslu" / "train.py", *sorted((REPO / "conslu" / "training").glob("*.py"))]
+    for f in files:
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert "argparse" not in imported, f
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Try):  # no `try: from conslu... except ImportError`
+                guarded = {a.module for a in ast.walk(n) if isinstance(a, ast.ImportFrom) and a.module}
+                assert not any(m.startswith("conslu") for m in guarded), f

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Issue 9: the paper's ablation at CPU scale, on (synthetic) speech.
+"""The paper's ablation at CPU scale, on (synthetic) speech.
 
     python recipes/ablation/run.py [--out results] [--train-per-domain N] [--eval-per-domain N]
                                    [--domains alarm timer weather] [--topv2 DIR] [--work DIR] [--smoke]
@@ -43,9 +43,10 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
+from conslu.atomic import atomic_write_text  # noqa: E402
 from conslu.decoding import DecodingOptions  # noqa: E402
-from conslu.demo import (atomic_write_text, base_encoder, encoder_cache, evaluate_cached,  # noqa: E402
-                         fill_encoder_cache, fit, machine_info, read_rows, synth_corpus)
+from conslu.demo import evaluate_cached, fit, machine_info, read_rows, synth_corpus  # noqa: E402
+from conslu.features import base_encoder, encoder_cache, fill_encoder_cache  # noqa: E402
 
 DEFAULT_TOPV2 = Path(os.environ.get("CONSLU_TOPV2_DIR", REPO.parent / "shared" / "data" / "topv2"))
 CONFIG = REPO / "conf" / "ablation.yaml"
@@ -210,7 +211,7 @@ def _train_args(config: Path, overlay: Path | None, corpus: Path, cache: Path, r
 
 def run(args: argparse.Namespace) -> dict:
     from conslu.model import ConSLU
-    from conslu.train import export_model
+    from conslu.training import export_model
 
     smoke = bool(args.smoke)
     domains = list(args.domains or (SMOKE["domains"] if smoke else ["alarm", "timer", "weather"]))
@@ -261,7 +262,8 @@ def run(args: argparse.Namespace) -> dict:
     _log(f"[2/4] encoder: caching whisper-tiny.en encoder outputs in {cache_dir}")
     encoder, fe = base_encoder("whisper-tiny.en")
     cache = encoder_cache(encoder, fe, cache_dir)
-    n_new = fill_encoder_cache(cache, encoder, fe, [r["audio"] for r in train_rows + eval_rows], batch_size=16)
+    n_new = fill_encoder_cache(cache, encoder, fe, [r["audio"] for r in train_rows + eval_rows], batch_size=16,
+                               desc="encoder")
     report.setdefault("encoder_cache", {})
     if n_new:
         report["encoder_cache"] = {"computed": n_new, "seconds": round(time.perf_counter() - t0, 1),
