@@ -311,8 +311,8 @@ class DecodingTask:
 
     def forced_end(self) -> None:
         """A closed tree allows only <|endoftext|> (= pad): append it without another decoder pass."""
-        if not (self.constrained and self.pad == self.eos):
-            return
+        if not (self.constrained and self.pad == self.eos) or self.exact_lengths is not None:
+            return  # (exact lengths: the row goes on, <|endoftext|> being its only candidate)
         fin = ~self.done & (self.state.phase == DONE) & (self.n < self.row_max)
         if bool(fin.any()):
             self.ids.scatter_(1, torch.where(fin, self.n, self.ids.shape[1] - 1)[:, None], self.eos)
