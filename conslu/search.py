@@ -432,7 +432,8 @@ class DecodingTask:
         if cm is None:
             return full
         tree = (self.state.phase != TRANSCRIPT)[:, None]
-        return torch.where(tree, torch.log_softmax(scores.masked_fill(~allowed, float("-inf")), -1), full)
+        out = torch.where(tree, torch.log_softmax(scores.masked_fill(~allowed, float("-inf")), -1), full)
+        return out.nan_to_num(nan=float("-inf"))  # a dead row has no candidate: log_softmax gives NaN
 
     def _rank(self, total: float, length: int) -> float:
         lp = self.length_penalty
@@ -487,7 +488,7 @@ class DecodingTask:
                     continue
                 kept = 0
                 for s, i in zip(ss, ii):
-                    if s == float("-inf") or kept == K:
+                    if not s > float("-inf") or kept == K:  # NaN included
                         break
                     r, t = b * K + i // V, i % V
                     if t == self.eos or lens[r] + 1 >= self.max_len:

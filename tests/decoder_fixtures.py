@@ -19,6 +19,8 @@ an exact (branch-and-bound) search over every constrained output for tiny length
 from __future__ import annotations
 
 import os
+import signal
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -107,7 +109,8 @@ def whisper_model(family: str = "en", seed: int = 0, d_model: int = 64, decoder_
                         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=2 * d_model,
                         decoder_ffn_dim=2 * d_model, num_mel_bins=80, max_source_positions=SOURCE_POSITIONS,
                         max_target_positions=448, init_std=init_std, decoder_start_token_id=sot,
-                        eos_token_id=eot, pad_token_id=eot, bos_token_id=eot)
+                        eos_token_id=eot, pad_token_id=eot, bos_token_id=eot,
+                        begin_suppress_tokens=[220, eot])  # as openai/whisper: " " and <|endoftext|>
     return WhisperForConditionalGeneration(cfg).eval()
 
 
@@ -172,6 +175,21 @@ def family_params():
 
 
 # -- running the search ------------------------------------------------------------------------
+@contextmanager
+def time_limit(seconds: int, what: str = "decoding"):
+    """Fail (TimeoutError) instead of hanging when a search does not terminate."""
+    def stop(signum, frame):
+        raise TimeoutError(f"{what} did not finish within {seconds} s (a search that never ends?)")
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(int(seconds))
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def make_task(slu, *, max_new: int, beam_size: int = 1, speculative: bool = False, draft_len: int | None = None,
               draft_budget: int | None = None, constrained: bool = True, loop_guard: bool = True,
               project: bool | None = None, prompt: Sequence[int] | None = None, **kw):

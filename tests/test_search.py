@@ -11,7 +11,8 @@ from conslu.constraints import MIN_NEW_TOKENS
 from conslu.decoding import DecodingOptions, decode_tokens
 from conslu.search import candidate_projection_ok
 from decoder_fixtures import (LOOP, PAIRS, check_output, encode, exact_best, family_params, features, make_task,
-                              normalised, reference_greedy, sequence_logprobs, trained)
+                              normalised, reference_greedy, sequence_logprobs, time_limit, trained)
+from slu_fixtures import tiny_conslu
 
 NOT_LOOP = [i for i in range(len(PAIRS)) if i != LOOP]
 
@@ -106,7 +107,8 @@ def test_beam_is_the_best_of_every_tree_at_the_minimum_budget():
     P = len(slu.tokenizer.prefix_ids)
     st: dict = {}
     utts = [0, 2, 4]
-    beam = decode_tokens(slu, DecodingOptions(max_new_tokens=5, beam_size=4), input_features=tr.feats[utts], stats=st)
+    with time_limit(60):
+        beam = decode_tokens(slu, DecodingOptions(max_new_tokens=5, beam_size=4), input_features=tr.feats[utts], stats=st)
     for b, row in zip(utts, beam):
         check_output(slu, row, 5)
         scored = _all_intent_trees(slu, tr.feats[b])
@@ -148,12 +150,28 @@ def test_every_output_closes_within_the_budget(family, max_new):
     enc = encode(slu, feats)
     for opts in (DecodingOptions(max_new_tokens=max_new, speculative=False), DecodingOptions(max_new_tokens=max_new),
                  DecodingOptions(max_new_tokens=max_new, beam_size=3)):
-        rows = decode_tokens(slu, opts, encoder_hidden=enc)
+        with time_limit(60):
+            rows = decode_tokens(slu, opts, encoder_hidden=enc)
         assert len(rows) == feats.shape[0]
         for row in rows:
             out = check_output(slu, row, max_new)
             if max_new == MIN_NEW_TOKENS:
                 assert out["transcript_ids"] == [] and len(out["tree_ids"]) == 3
+
+
+@pytest.mark.parametrize("beam", [2, 3])
+def test_beam_search_terminates_at_the_minimum_budget(beam):
+    """max_new_tokens = 5 forces "|" first, so an utterance has ONE live hypothesis after the first
+    step and beam_size - 1 dead rows still at the prompt: the search must still end (and give
+    "| [ IN:X ] <|endoftext|>")."""
+    slu = tiny_conslu(0)
+    torch.manual_seed(0)
+    enc = encode(slu, torch.randn(2, 80, 3000))
+    with time_limit(30, "beam search with max_new_tokens=5"):
+        rows = make_task(slu, max_new=5, beam_size=beam).run(enc)
+    for row in rows:
+        out = check_output(slu, row, 5)
+        assert out["transcript_ids"] == [] and len(out["tree_ids"]) == 3
 
 
 def test_batched_beam_rows_are_independent():

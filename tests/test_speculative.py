@@ -11,7 +11,7 @@ from conslu.constraints import BODY, DONE, END, ERROR, LABEL, OPEN, TRANSCRIPT, 
 from conslu.decoding import DecodingOptions, decode_tokens
 from conslu.speculative import CPU_DRAFT_BUDGET, DRAFT_LEN, default_draft_budget, draft_step, draft_tokens, label_prior
 from decoder_fixtures import (LOOP, NESTED, PAIRS, check_output, encode, family_params, generated, hf_generate,
-                              make_task, reference_greedy, trained, tree_facts)
+                              features, make_task, reference_greedy, trained, tree_facts, untrained)
 from slu_fixtures import EXAMPLES, slu_tokenizer, tables, tiny_conslu
 
 
@@ -23,11 +23,10 @@ def _hf_kwargs(slu) -> dict:
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("max_new", [10, 48])
 def test_identical_to_generate_random_model(seed, max_new):
-    slu = tiny_conslu(seed)
+    slu = untrained("en", seed)
     tok = slu.tokenizer
     P = len(tok.prefix_ids)
-    torch.manual_seed(seed)
-    feats = torch.randn(3, 80, 3000)
+    feats = features(3, seed=10 + seed)
     ref = hf_generate(slu, feats, max_new)
     enc = encode(slu, feats)
     for d in (0, 4, 8):
