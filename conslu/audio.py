@@ -15,9 +15,12 @@ import os
 import struct
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["SAMPLE_RATE", "MAX_SECONDS", "AudioError", "load_audio", "chunk_audio", "log_mel", "duration"]
 
@@ -235,7 +238,7 @@ def chunk_audio(audio: np.ndarray, seconds: float = MAX_SECONDS, *, sr: int = SA
     return [a[i : i + n] for i in range(0, len(a), n)]
 
 
-def log_mel(audios: Sequence[np.ndarray], feature_extractor: Any) -> "torch.Tensor":  # noqa: F821
+def log_mel(audios: Sequence[np.ndarray], feature_extractor: Any) -> "torch.Tensor":
     """Whisper log-mel features ``[B, n_mels, frames]`` (n_mels from the extractor: 80 or 128).
 
     Audio must be 1-D at the extractor's sampling rate and no longer than its window (Whisper's

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from conslu.decoding import DecodingOptions, decode_tokens
+from conslu.loss import cpu_tables as cpu_tables_of
 from conslu.speculative import DRAFT_LEN
 
 BENCH_MAX_NEW = 64
@@ -131,9 +132,9 @@ def demo_grammar() -> Any:
 
 def load_model(name: str | None, device: str) -> tuple[Any, bool]:
     """(ConSLU, trained?) from ``--model``: a ConSLU folder, else a Whisper name/folder + demo grammar."""
-    from conslu.model import CONFIG_NAME, ConSLU
+    from conslu.model import ConSLU, is_model_folder
 
-    if name and (Path(name) / CONFIG_NAME).is_file():
+    if name and is_model_folder(name):
         slu = ConSLU.from_pretrained(name)
         if slu.target_format != "simplified":
             raise BenchError(f"{name}: a {slu.target_format!r}-target model; the benchmark needs the simplified target")
@@ -297,7 +298,7 @@ def run_bench(slu: Any, utts: Sequence[Utterance], *, repeats: int, batch: int =
     tb, ob = interleaved({"gen_u": lambda: gen(fb, False), "gen_c": lambda: gen(fb, True),
                           "loop_u": lambda: loop(fb, 0, constrained=False, lengths=lens_b), "plain": lambda: loop(fb, 0),
                           "spec": lambda: loop(fb, draft_len)}, device, max(1, repeats // 2))
-    out_bu, out_bc, (sbs, st_bs) = ob["gen_u"], ob["gen_c"], ob["spec"]
+    out_bu, out_bc, (sbs, _) = ob["gen_u"], ob["gen_c"], ob["spec"]
     nbu = sum(len(_strip(r.tolist(), prefix, eos, pad)) + 1 for r in out_bu)
     refs_b = [_strip(r.tolist(), prefix, eos, pad) for r in out_bc]
     nbc = sum(len(r) + 1 for r in refs_b)
@@ -406,7 +407,7 @@ def loss_bench(slu: Any, utts: Sequence[Utterance], feats: torch.Tensor, *, repe
     lab = batch["labels"].to(device)
     states = batch["loss_states"]
     tables = slu.tables
-    cpu_tables = slu._cpu_tables()
+    cpu_tables = cpu_tables_of(slu.tables)
     enc = None
     if not full_model:
         with torch.no_grad():

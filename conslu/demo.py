@@ -404,10 +404,3 @@ def run_demo(workdir: Path, settings: DemoSettings, seed: int = 0, jobs: int | N
                           "".join(json.dumps(h) + "\n" for h in results[name]["predictions"]))
     return summary
 
-
-def cmd_demo(args: Any) -> int:
-    """The old entry point of ``conslu demo``, forwarding to :func:`conslu.commands.demo.run`
-    (``conslu/cli.py`` now dispatches to :mod:`conslu.commands`; delete this once nothing calls it)."""
-    from conslu.commands.demo import run
-
-    return run(args)

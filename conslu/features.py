@@ -140,6 +140,16 @@ def encoder_cache(encoder: torch.nn.Module, feature_extractor: Any, root: str | 
     return EncoderCache(root, model_fingerprint(encoder, feature_extractor))
 
 
+def _progress_bar(desc: str) -> Callable[[Iterable], Iterable]:
+    from tqdm import tqdm
+
+    def progress(chunks: Iterable) -> Iterable:
+        chunks = list(chunks)
+        return tqdm(chunks, desc=desc, unit="batch", file=sys.stderr, dynamic_ncols=True, disable=not chunks)
+
+    return progress
+
+
 def fill_encoder_cache(cache: EncoderCache, encoder: torch.nn.Module, feature_extractor: Any, paths: Sequence[str], *,
                        batch_size: int = 8, max_seconds: float | None = MAX_SECONDS, desc: str | None = None) -> int:
     """Encode every audio file of ``paths`` not cached yet; returns how many were computed.
@@ -155,13 +165,7 @@ def fill_encoder_cache(cache: EncoderCache, encoder: torch.nn.Module, feature_ex
         p = next(encoder.parameters())
         return encoder(features.to(p.device, p.dtype)).last_hidden_state
 
-    progress = None
-    if desc is not None:
-        from tqdm import tqdm
-
-        def progress(chunks: Iterable) -> Iterable:
-            chunks = list(chunks)
-            return tqdm(chunks, desc=desc, unit="batch", file=sys.stderr, dynamic_ncols=True, disable=not chunks)
+    progress = None if desc is None else _progress_bar(desc)
 
     was_training = encoder.training
     encoder.eval()

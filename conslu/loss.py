@@ -116,8 +116,7 @@ def slu_loss(logits: Tensor, labels: Tensor, tables: Tables | None, constrained:
     if not constrained or tables is None:
         return F.cross_entropy(flat, lab, ignore_index=IGNORE, reduction="sum") / n_real
     if states is None:
-        cpu_tables = _cpu_tables(tables)
-        states = teacher_states(labels.detach().cpu(), cpu_tables)
+        states = teacher_states(labels.detach().cpu(), cpu_tables(tables))
     states = states.to(flat.device) if states.rows.device != flat.device else states
     tables = tables.to(flat.device) if tables.device != flat.device else tables
     if states.rows.numel() == 0:
@@ -135,7 +134,8 @@ def slu_loss(logits: Tensor, labels: Tensor, tables: Tables | None, constrained:
 _CPU_TABLES: dict[int, Tables] = {}
 
 
-def _cpu_tables(tables: Tables) -> Tables:
+def cpu_tables(tables: Tables) -> Tables:
+    """The tables on the CPU (teacher-forced states are built there), converted once per table set."""
     if tables.device.type == "cpu":
         return tables
     key = id(tables)

@@ -22,7 +22,8 @@ from conslu.atomic import atomic_folder, atomic_write_json
 from conslu.constraints import Tables, build_tables
 from conslu.decoding import DEFAULT_MAX_NEW_TOKENS, DecodingOptions, GrammarLogitsProcessor, decode, decode_tokens, resolve
 from conslu.grammar import Grammar
-from conslu.loss import IGNORE, LossStates, slu_loss, teacher_states
+from conslu.batch import TargetCollator
+from conslu.loss import IGNORE, LossStates, slu_loss
 from conslu.tokenizer import SLUTokenizer
 
 CONFIG_NAME = "conslu.json"
@@ -31,7 +32,7 @@ FORMAT_NAME = "conslu-model"
 FORMAT_VERSION = 1
 CONSTRAINTS = ("both", "loss", "decoding", "none")
 TARGET_FORMATS = ("simplified", "whislu")
-__all__ = ["ConSLU", "ModelFolderError", "DEFAULT_MAX_NEW_TOKENS", "DecodingOptions"]
+__all__ = ["ConSLU", "ModelFolderError", "DEFAULT_MAX_NEW_TOKENS", "DecodingOptions", "is_model_folder"]
 
 
 class ModelFolderError(ValueError):
@@ -99,6 +100,11 @@ def _load_tokenizer(path: str | Path) -> Any:
     return tok
 
 
+def is_model_folder(path: str | os.PathLike) -> bool:
+    """A ConSLU model folder (it has a ``conslu.json``), as opposed to a base Whisper model."""
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
 class ConSLU:
     """Whisper fine-tuned to emit ``transcript | logical form`` (or the WhiSLU JSON target)."""
 
@@ -113,7 +119,6 @@ class ConSLU:
         self.constraints = constraints
         self._tables: Tables | None = None
         self._prior: Any = None
-        self._cpu_tab: Tables | None = None
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -266,35 +271,8 @@ class ConSLU:
         ``labels`` [B, T] (prompt and padding -100), plus ``loss_states`` (teacher-forced constraint
         states, CPU) when the loss is constrained - pass them to ``loss`` to keep the state machine
         off the training step. decoder_input_ids = prompt + target[:-1]; labels = [-100] * (P-1) + target."""
-        prefix = self.tokenizer.prefix_ids
-        P = len(prefix)
-        targets = []
-        for ex in examples:
-            transcript, lf = ex[0], ex[1]
-            meta = dict(ex[2]) if len(ex) > 2 and ex[2] else {}
-            meta = {k: meta[k] for k in ("gender", "native", "domain") if k in meta}
-            targets.append(self.tokenizer.encode(transcript, lf, **meta))
-        T = P - 1 + max(len(t) for t in targets)
-        dec = torch.full((len(targets), T), self.tokenizer.pad_token_id, dtype=torch.long)
-        lab = torch.full((len(targets), T), IGNORE, dtype=torch.long)
-        for i, t in enumerate(targets):
-            seq = prefix + t
-            dec[i, : len(seq) - 1] = torch.tensor(seq[:-1])
-            lab[i, P - 1 : P - 1 + len(t)] = torch.tensor(t)
-        out: dict[str, Any] = {"decoder_input_ids": dec, "labels": lab}
-        if with_states if with_states is not None else self.loss_constrained:
-            out["loss_states"] = teacher_states(lab, self._cpu_tables())
-        return out
-
-    def _cpu_tables(self) -> Tables:
-        t = self.tables
-        if t is None:
-            raise ValueError("constraint states need the simplified target format")
-        if t.device.type != "cpu":
-            if self._cpu_tab is None or self._cpu_tab.vocab_size != t.vocab_size:
-                self._cpu_tab = t.to("cpu")
-            return self._cpu_tab
-        return t
+        states = self.loss_constrained if with_states is None else with_states
+        return TargetCollator(self.tokenizer, self.tables)(examples, with_states=bool(states))
 
     def decoder_inputs(self, labels: Tensor) -> Tensor:
         """decoder_input_ids for labels laid out by ``collate``."""

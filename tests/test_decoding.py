@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LogitsProcessorList
 
-from conslu.constraints import BODY, DONE, END, ERROR, MIN_NEW_TOKENS, OPEN, TRANSCRIPT, advance, candidate_mask, init_state
+from conslu.constraints import BODY, DONE, END, ERROR, MIN_NEW_TOKENS, TRANSCRIPT, advance, candidate_mask, init_state
 from conslu.decoding import DecodingOptions, GrammarLogitsProcessor, decode, decode_tokens, resolve
 from conslu.loss import lf_candidate_mask, teacher_states, uncopyable_rows
 from decoder_fixtures import PAIRS, check_ids, check_output, multilingual_slu_tokenizer, multilingual_tables, trained

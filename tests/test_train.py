@@ -8,7 +8,6 @@ Everything runs on a tiny random Whisper (1 layer, d_model 64) with the real Whi
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -369,31 +368,40 @@ def test_cached_encoder_matches_uncached(tiny_whisper: Path, corpus: Path, tmp_p
 
 
 @pytest.mark.parametrize("constraints", ["both", "decoding"])
-def test_target_collator_matches_conslu_collate(constraints: str) -> None:
-    """The data-loader collator (tokenizer + CPU tables, no weights) makes ConSLU.collate's batch."""
+def test_target_collator_layout_and_worker_copy(constraints: str) -> None:
+    """The one collator (ConSLU.collate and the data loaders): prompt + target[:-1] as decoder
+    input, -100 over the prompt and the padding in the labels, the states the loss would build
+    itself, and a pickled copy (a data-loader worker's) that makes the same batch."""
     import pickle
 
     from slu_fixtures import tiny_conslu
 
-    from conslu.training import TargetCollator
+    from conslu.batch import TargetCollator
+    from conslu.loss import IGNORE, teacher_states
 
     slu = tiny_conslu(0, constraints=constraints)
     examples = [("set an alarm for seven am", "[IN:CREATE_ALARM [SL:DATE_TIME for seven am ] ]",
                  {"gender": "female", "native": "yes", "domain": "alarm"}),
                 ("delete my alarms", "[IN:DELETE_ALARM ]", {"domain": None})]
     collate = TargetCollator.for_model(slu)
-    ours, theirs = collate(examples), slu.collate(examples)
-    assert sorted(ours) == sorted(theirs) == sorted(["decoder_input_ids", "labels"]
-                                                     + (["loss_states"] if constraints == "both" else []))
-    assert torch.equal(ours["decoder_input_ids"], theirs["decoder_input_ids"])
-    assert torch.equal(ours["labels"], theirs["labels"])
+    batch = slu.collate(examples)
+    assert sorted(batch) == sorted(["decoder_input_ids", "labels"] + (["loss_states"] if constraints == "both" else []))
+    prefix = slu.tokenizer.prefix_ids
+    P = len(prefix)
+    for i, (t, lf, _) in enumerate(examples):
+        target = slu.tokenizer.encode(t, lf)
+        row_in, row_lab = batch["decoder_input_ids"][i].tolist(), batch["labels"][i].tolist()
+        assert row_in[: P + len(target) - 1] == prefix + target[:-1]
+        assert row_lab[: P - 1] == [IGNORE] * (P - 1) and row_lab[P - 1: P - 1 + len(target)] == target
+        assert set(row_lab[P - 1 + len(target):]) <= {IGNORE}
     if constraints == "both":
-        a, b = ours["loss_states"], theirs["loss_states"]
+        a, b = batch["loss_states"], teacher_states(batch["labels"], slu.tables.to("cpu"))
         for name in ("rows", "targets", "batch", "seq"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
-        assert torch.equal(a.state.phase, b.state.phase)
-    assert "labels" in collate(examples, with_states=False) and "loss_states" not in collate(examples, with_states=False)
-    assert pickle.loads(pickle.dumps(collate)).tables is not None  # noqa: S301 - a worker's copy, made here
+    assert "loss_states" not in collate(examples, with_states=False)
+    copy = pickle.loads(pickle.dumps(collate))  # noqa: S301 - a worker's copy, made here
+    again = copy(examples)
+    assert all(torch.equal(again[k], batch[k]) for k in ("decoder_input_ids", "labels"))
 
 
 def test_validation_scores_equal_conslu_metrics_score() -> None:
@@ -452,23 +460,20 @@ def test_schedule_is_linear_warmup_then_linear_decay(tiny_whisper: Path) -> None
 # the command module and the old names
 
 
-def test_train_command_module_and_compatibility_names(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_command_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    import conslu.cli as cli
     import conslu.commands.train as command
-    import conslu.train as old
-    import conslu.training as training
 
     assert command.NAME == "train" and command.HELP and command.PASS_THROUGH is True
-    for name in ("SLUModule", "SLUDataModule", "BucketBatchSampler", "ExportBest", "export_model", "SLUCLI"):
-        assert getattr(old, name) is getattr(training, name), name  # old configs / checkpoints still load
     seen = []
     monkeypatch.setattr(command, "run_argv", lambda argv: seen.append(argv) or 7)
-    assert old.cmd_train(["--x"]) == 7 and seen == [["--x"]]  # the old entry point forwards
+    assert cli.main(["train", "--x", "1"]) == 7 and seen == [["--x", "1"]]  # passed through untouched
 
 
 def test_training_code_has_no_argparse_and_no_self_probing() -> None:
     import ast
 
-    files = [REPO / "conslu" / "demo.py", REPO / "conslu" / "train.py", *sorted((REPO / "conslu" / "training").glob("*.py"))]
+    files = [REPO / "conslu" / "demo.py", *sorted((REPO / "conslu" / "training").glob("*.py"))]
     for f in files:
         tree = ast.parse(f.read_text(encoding="utf-8"))
         imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}

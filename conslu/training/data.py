@@ -6,18 +6,15 @@ Whisper weights - so data-loader workers can pickle them and never touch a CUDA 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
 from conslu.audio import load_audio, log_mel
-from conslu.constraints import Tables
-from conslu.loss import IGNORE, teacher_states
+from conslu.batch import META, TargetCollator
 
-__all__ = ["SLUExamples", "TargetCollator", "SLUCollator", "cpu_tables"]
-
-META = ("gender", "native", "domain")
+__all__ = ["SLUExamples", "TargetCollator", "SLUCollator"]
 
 
 class SLUExamples(Dataset):
@@ -53,51 +50,6 @@ class SLUExamples(Dataset):
                 raise ValueError(f"example {row.get('id')!r} has no audio file; training needs speech")
             row["audio_array"] = load_audio(row["audio"], max_seconds=self.max_seconds)
         return row
-
-
-def cpu_tables(slu: Any) -> Tables | None:
-    """The model's constraint tables on the CPU (None for the WhiSLU format)."""
-    tables = slu.tables
-    return None if tables is None else tables.to("cpu")
-
-
-class TargetCollator:
-    """(transcript, logical form[, meta]) examples -> ``decoder_input_ids`` and ``labels`` [B, T]
-    (prompt and padding -100) and, with ``with_states``, the teacher-forced ``loss_states`` of the
-    constrained loss: the batch :meth:`conslu.model.ConSLU.collate` makes, from the tokenizer and
-    CPU tables alone (``tests/test_train.py`` checks that the two agree)."""
-
-    def __init__(self, tokenizer: Any, tables: Tables | None = None, *, with_states: bool = False) -> None:
-        if with_states and tables is None:
-            raise ValueError("constraint states need the simplified target format (constraint tables)")
-        self.tokenizer = tokenizer
-        self.tables = tables
-        self.with_states = with_states
-
-    @classmethod
-    def for_model(cls, slu: Any) -> "TargetCollator":
-        """The collator of a :class:`conslu.model.ConSLU` (states when its loss is constrained)."""
-        return cls(slu.tokenizer, cpu_tables(slu), with_states=bool(slu.loss_constrained))
-
-    def __call__(self, examples: Sequence[tuple], *, with_states: bool | None = None) -> dict[str, Any]:
-        prefix = self.tokenizer.prefix_ids
-        P = len(prefix)
-        targets = []
-        for ex in examples:
-            meta = dict(ex[2]) if len(ex) > 2 and ex[2] else {}
-            targets.append(self.tokenizer.encode(ex[0], ex[1], **{k: meta[k] for k in META if k in meta}))
-        T = P - 1 + max(len(t) for t in targets)
-        dec = torch.full((len(targets), T), self.tokenizer.pad_token_id, dtype=torch.long)
-        lab = torch.full((len(targets), T), IGNORE, dtype=torch.long)
-        for i, t in enumerate(targets):
-            seq = prefix + t
-            dec[i, : len(seq) - 1] = torch.tensor(seq[:-1])
-            lab[i, P - 1 : P - 1 + len(t)] = torch.tensor(t)
-        out: dict[str, Any] = {"decoder_input_ids": dec, "labels": lab}
-        if self.with_states if with_states is None else with_states:
-            assert self.tables is not None
-            out["loss_states"] = teacher_states(lab, self.tables)
-        return out
 
 
 class SLUCollator:

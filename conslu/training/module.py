@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import lightning.pytorch as pl
@@ -15,18 +14,13 @@ from transformers import get_constant_schedule_with_warmup, get_linear_schedule_
 from conslu.decoding import DecodingOptions, decode
 from conslu.features import EncoderCache, encoder_cache, fill_encoder_cache
 from conslu.grammar import Grammar
-from conslu.model import CONFIG_NAME, ConSLU
+from conslu.model import ConSLU, is_model_folder
 from conslu.training.augment import SpecAugment
 from conslu.training.datamodule import SLUDataModule
 from conslu.training.rows import audio_paths
 from conslu.training.scores import ValidationScores
 
-__all__ = ["SLUModule", "decode_encoder_outputs", "is_conslu_folder"]
-
-
-def is_conslu_folder(path: str | Path) -> bool:
-    """A ConSLU model folder (with its ``conslu.json``), as opposed to a base Whisper model."""
-    return (Path(path) / CONFIG_NAME).is_file()
+__all__ = ["SLUModule", "decode_encoder_outputs"]
 
 
 def decode_encoder_outputs(slu: ConSLU, enc: torch.Tensor, *, max_new_tokens: int | None = None) -> list[dict]:
@@ -41,7 +35,7 @@ class SLUModule(pl.LightningModule):
     Args:
         model: base Whisper model (short name such as ``whisper-tiny.en``, local folder, hub id) or
             an existing ConSLU folder (then grammar/target_format come from the folder).
-        grammar: grammar JSON, or ``train`` to extract it from the training split.
+        grammar: a shipped grammar name (``topv2``), a grammar JSON, or ``train`` to extract it from the training split.
         target_format: ``simplified`` (``transcript | tree``) or ``whislu`` (JSON-style baseline).
         constraints: where the grammar/copy constraints apply: both, loss, decoding, none.
         freeze_encoder: train the decoder only.
@@ -99,7 +93,7 @@ class SLUModule(pl.LightningModule):
         if self.slu is not None:
             return
         hp = self.hparams
-        if is_conslu_folder(hp.model):
+        if is_model_folder(hp.model):
             slu = ConSLU.from_pretrained(hp.model)
         else:
             grammar: Grammar | str = hp.grammar

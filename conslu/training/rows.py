@@ -73,7 +73,7 @@ def unlearnable_rows(rows: list[dict], labels: Sequence[str], targets: Any, chun
     its grammar lacks (``labels``; the row could not be encoded), or a tree whose words are not
     whole-word, in-order copies of the transcript (the constrained loss could not follow it).
 
-    ``targets``: a :class:`conslu.training.data.TargetCollator` of the model (with its tables).
+    ``targets``: a :class:`conslu.batch.TargetCollator` of the model (with its tables).
     Label problems come first, then copy problems, each in row order.
     """
     known = set(labels)
