@@ -84,7 +84,6 @@ def test_command_module_interface(monkeypatch: pytest.MonkeyPatch, capsys: pytes
     monkeypatch.setattr(demo, "run_demo", fail)
     assert command.run(_args("--workdir", "w", "--quick", "--seed", "3")) == 1  # a known input problem: one line
     assert capsys.readouterr().err == "conslu demo: w/corpus/manifests/train.tsv:2: malformed tree\n"
-    assert demo.cmd_demo(_args("--workdir", "w", "--quick", "--seed", "3")) == 1  # the old entry point forwards
     monkeypatch.setattr(demo, "run_demo", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # bugs keep their traceback
         command.run(_args())
