@@ -238,13 +238,19 @@ def chunk_audio(audio: np.ndarray, seconds: float = MAX_SECONDS, *, sr: int = SA
     return [a[i : i + n] for i in range(0, len(a), n)]
 
 
-def log_mel(audios: Sequence[np.ndarray], feature_extractor: Any) -> "torch.Tensor":
+def log_mel(audios: Sequence[np.ndarray], feature_extractor: Any, seconds: float | None = None) -> "torch.Tensor":
     """Whisper log-mel features ``[B, n_mels, frames]`` (n_mels from the extractor: 80 or 128).
+
+    ``seconds`` (an audio context, :mod:`conslu.context`): only the first ``100 * seconds`` frames,
+    exactly those of the 30 s features (the audio is padded one STFT window past the cut, so the
+    last frames see the zeros they see in the full window); None: the whole window.
 
     Audio must be 1-D at the extractor's sampling rate and no longer than its window (Whisper's
     extractor would silently cut it), with finite samples.
     """
     import torch
+
+    from conslu.context import TOLERANCE
 
     n_samples = int(getattr(feature_extractor, "n_samples", 0) or 0)
     sr = int(getattr(feature_extractor, "sampling_rate", SAMPLE_RATE))
@@ -256,11 +262,21 @@ def log_mel(audios: Sequence[np.ndarray], feature_extractor: Any) -> "torch.Tens
         if n_samples and a.shape[0] > n_samples:
             raise ValueError(f"audio {i}: {a.shape[0] / sr:.1f} s is longer than the model's "
                              f"{n_samples / sr:g} s window; split it with conslu.audio.chunk_audio")
+        if seconds is not None and a.shape[0] > int(round(seconds * sr)):
+            if a.shape[0] > int(round((seconds + TOLERANCE) * sr)):
+                raise ValueError(f"audio {i}: {a.shape[0] / sr:.2f} s is longer than the {seconds:g} s context")
+            a = a[: int(round(seconds * sr))]
         if not np.isfinite(a).all():
             raise ValueError(f"audio {i}: contains NaN or infinite samples")
         batch.append(a)
     if not batch:
         frames = n_samples // int(getattr(feature_extractor, "hop_length", 160)) if n_samples else 3000
         return torch.zeros(0, int(feature_extractor.feature_size), frames)
-    out = feature_extractor(batch, sampling_rate=sr, return_tensors="pt")
-    return out["input_features"].to(torch.float32)
+    if seconds is None or (n_samples and int(round(seconds * sr)) >= n_samples):
+        out = feature_extractor(batch, sampling_rate=sr, return_tensors="pt")
+        return out["input_features"].to(torch.float32)
+    hop = int(feature_extractor.hop_length)
+    frames = int(round(seconds * sr / hop))
+    out = feature_extractor(batch, sampling_rate=sr, return_tensors="pt",
+                            max_length=frames * hop + int(getattr(feature_extractor, "n_fft", 400)))
+    return out["input_features"][:, :, :frames].to(torch.float32)

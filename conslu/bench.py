@@ -47,13 +47,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from conslu.context import WINDOW_SECONDS, encode
 from conslu.decoding import DecodingOptions, decode_tokens
 from conslu.loss import cpu_tables as cpu_tables_of
 from conslu.speculative import DRAFT_LEN
 
 BENCH_MAX_NEW = 64
 KEYS = ("constrained_overhead", "constrained_overhead_b1", "constrained_overhead_b16", "loss_overhead",
-        "parse_vs_transcribe", "speculative_speedup", "decoder_passes_per_token", "speculative_identical")
+        "parse_vs_transcribe", "speculative_speedup", "decoder_passes_per_token", "speculative_identical",
+        "encoder_speedup", "parse_utt_per_s")
 
 
 @dataclass
@@ -148,7 +150,7 @@ def quick_finetune(slu: Any, feats: torch.Tensor, utts: Sequence[Utterance], ste
     model = slu.model
     model.train()
     with torch.no_grad():
-        enc = model.get_encoder()(feats)
+        enc = encode(model.get_encoder(), feats)
     batch = slu.collate([(u.transcript, u.logical_form) for u in utts])
     dec = batch["decoder_input_ids"].to(feats.device)
     lab = batch["labels"].to(feats.device)
@@ -158,7 +160,7 @@ def quick_finetune(slu: Any, feats: torch.Tensor, utts: Sequence[Utterance], ste
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        loss = slu.loss(None, lab, decoder_input_ids=dec, loss_states=states, encoder_outputs=(enc.last_hidden_state,))
+        loss = slu.loss(None, lab, decoder_input_ids=dec, loss_states=states, encoder_outputs=(enc,))
         loss.backward()
         opt.step()
     model.eval()
@@ -228,7 +230,7 @@ def run_bench(slu: Any, utts: Sequence[Utterance], *, repeats: int, batch: int =
     from transformers.modeling_outputs import BaseModelOutput
 
     with torch.inference_mode():
-        enc_all = model.get_encoder()(feats).last_hidden_state  # decoding is timed, not the encoder
+        enc_all = encode(model.get_encoder(), feats)  # decoding is timed, not the encoder
     P = len(prefix)
     kw = {"num_beams": 1, "do_sample": False, "max_length": P + max_new, "return_timestamps": False}
 
@@ -356,6 +358,46 @@ def run_bench(slu: Any, utts: Sequence[Utterance], *, repeats: int, batch: int =
     return res
 
 
+def context_bench(slu: Any, utts: Sequence[Utterance], *, repeats: int, batch: int = 16,
+                  options: DecodingOptions | None = None) -> dict:
+    """Encoder and end-to-end cost of the audio context, side by side on the same ``batch``
+    utterances (``utts`` repeated): ``encoder_speedup`` = encoder time over Whisper's 30 s windows /
+    over each utterance's own context (one batch per context, as ``ConSLU.parse`` runs it), log-mels
+    made beforehand; ``parse_utt_per_s``: utterances per second of ``ConSLU.parse`` on the batch
+    (log-mels, encoder and default decoding), with the model's context and with 30 s windows."""
+    from conslu.context import groups
+
+    audios = [utts[i % len(utts)].audio for i in range(batch)]
+    device = slu.device
+    encoder = slu.model.get_encoder()
+    bucket = slu.audio_context if slu.audio_context is not None else 2.0  # a 30 s model is compared with 2 s
+    sr = slu.sampling_rate
+    window = slu.features(audios, WINDOW_SECONDS)
+    parts = [slu.features([audios[i] for i in idx], seconds)
+             for seconds, idx in groups([len(a) / sr for a in audios], bucket).items()]
+    with torch.inference_mode():
+        enc_t, _ = interleaved({"window": lambda: encode(encoder, window),
+                                "context": lambda: [encode(encoder, f) for f in parts]}, device, repeats)
+    opts = options or DecodingOptions(max_new_tokens=BENCH_MAX_NEW)
+    saved = slu.audio_context
+    try:
+        def parse_with(context: float | None) -> list[dict]:
+            slu.audio_context = context
+            return slu.parse(audios, opts)
+
+        parse_t, _ = interleaved({"context": lambda: parse_with(bucket), "window": lambda: parse_with(None)},
+                                 device, max(1, repeats // 2))
+    finally:
+        slu.audio_context = saved
+    durations = [len(a) / sr for a in audios]
+    return {"encoder_speedup": enc_t["window"] / enc_t["context"],
+            "parse_utt_per_s": batch / parse_t["context"], "parse_utt_per_s_window": batch / parse_t["window"],
+            "context_bucket": bucket, "context_batch": batch,
+            "audio_seconds": {"min": round(min(durations), 2), "max": round(max(durations), 2)},
+            "context_seconds": {"encoder_window": enc_t["window"], "encoder_context": enc_t["context"],
+                                "parse_context": parse_t["context"], "parse_window": parse_t["window"]}}
+
+
 def pass_costs(model: Any, enc: torch.Tensor, prefix: Sequence[int], ks: Sequence[int] = (1, 2, 4, 6, 9),
                repeats: int = 20) -> dict[str, float]:
     """Where decoding time goes: milliseconds of one decoder pass over k new tokens (KV cache of 20
@@ -411,7 +453,7 @@ def loss_bench(slu: Any, utts: Sequence[Utterance], feats: torch.Tensor, *, repe
     enc = None
     if not full_model:
         with torch.no_grad():
-            enc = (model.get_encoder()(feats).last_hidden_state,)
+            enc = (encode(model.get_encoder(), feats),)
     model.train()
 
     def loss_of(logits: torch.Tensor, kind: str) -> torch.Tensor:
@@ -489,7 +531,7 @@ def plot(res: dict, path: Path) -> None:
 
 def table(res: dict) -> str:
     targets = {"constrained_overhead": "<= 1.10", "loss_overhead": "<= 1.05", "parse_vs_transcribe": "<= 1.30",
-               "speculative_speedup": ">= 1.50", "speculative_identical": "= 1.00"}
+               "speculative_speedup": ">= 1.50", "speculative_identical": "= 1.00", "encoder_speedup": ">= 4.00"}
     lines = [f"model: {res['model']} ({'trained' if res['trained'] else 'tiny decoder fine-tune on the inputs'}), "
              f"device: {res['device']}, {res['utterances']} utterances, batch {res['batch']}, "
              f"draft {res['draft_len']}, median of {res['repeats']}",
@@ -500,7 +542,7 @@ def table(res: dict) -> str:
               "loss_overhead", "loss_overhead_with_states", "loss_overhead_direct", "parse_vs_transcribe", "parse_vs_transcribe_plain",
               "speculative_speedup", "speculative_speedup_total", "speculative_speedup_vs_generate",
               "speculative_speedup_b16", "decoder_passes_per_token", "decoder_passes_per_token_total",
-              "speculative_identical"):
+              "speculative_identical", "encoder_speedup", "parse_utt_per_s", "parse_utt_per_s_window"):
         if k not in res:
             continue
         v = res[k]

@@ -33,6 +33,7 @@ from torch import Tensor
 from transformers import LogitsProcessor
 
 from conslu.constraints import MIN_NEW_TOKENS, TRANSCRIPT, State, Tables, advance, candidate_mask, init_state
+from conslu.context import encode
 
 if TYPE_CHECKING:  # pragma: no cover
     from conslu.model import ConSLU
@@ -111,7 +112,7 @@ def decode_tokens(slu: "ConSLU", options: DecodingOptions = DecodingOptions(), *
         if encoder_hidden is None:
             if input_features is None:
                 raise ValueError("decode needs input_features or encoder_hidden")
-            encoder_hidden = model.get_encoder()(input_features).last_hidden_state
+            encoder_hidden = encode(model.get_encoder(), input_features)
         greedy = options.beam_size == 1
         speculative = greedy and options.speculative and slu.tables is not None
         k = (DRAFT_LEN if draft_len is None else int(draft_len)) if speculative else 0

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from conslu.atomic import atomic_write_text
+from conslu.context import DEFAULT_BUCKET_SECONDS
 from conslu.decoding import DecodingOptions
 from conslu.features import base_encoder, encoder_cache, fill_encoder_cache
 from conslu.training.callbacks import StepTimer
@@ -96,6 +97,7 @@ class DemoSettings:
     constraints: str = "both"
     target_format: str = "simplified"
     eval_batch_size: int = 16
+    audio_context: float | None = DEFAULT_BUCKET_SECONDS  # encoder context bucket (None: 30 s windows)
 
 
 # Measured on the project's 2-core machine (AMD EPYC): ~0.9-1.3 s per step at batch 8 with cached encoder
@@ -208,23 +210,29 @@ def evaluate_cached(slu: Any, rows: Sequence[dict], cache: Any, *, options: Any,
     from conslu.decoding import decode
     from conslu.metrics import score
 
+    if cache.audio_context != slu.audio_context:
+        raise ValueError(f"the encoder cache was filled with audio_context={cache.audio_context}, "
+                         f"the model uses audio_context={slu.audio_context}")
     slu.model.eval()
     dtype = next(slu.model.get_decoder().parameters()).dtype
     device = slu.device
-    hyps: list[dict] = []
     t0 = time.perf_counter()
-    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    encs = []
+    for r in rows:
+        value = cache.get(cache.key(r["audio"]))
+        if value is None:
+            raise KeyError(f"{r['audio']}: encoder output missing from the cache")
+        encs.append(value)
+    by_length: dict[int, list[int]] = {}  # one audio context per batch
+    for i, e in enumerate(encs):
+        by_length.setdefault(int(e.shape[0]), []).append(i)
+    batches = [idx[i : i + batch_size] for _, idx in sorted(by_length.items()) for i in range(0, len(idx), batch_size)]
+    hyps: list[dict | None] = [None] * len(rows)
     for batch in tqdm(batches, desc=desc, unit="batch", file=sys.stderr, dynamic_ncols=True):
-        encs = []
-        for r in batch:
-            value = cache.get(cache.key(r["audio"]))
-            if value is None:
-                raise KeyError(f"{r['audio']}: encoder output missing from the cache")
-            encs.append(value)
-        enc = torch.stack(encs).to(device, dtype)
-        for r, out in zip(batch, decode(slu, options, encoder_hidden=enc)):
-            hyps.append({"id": str(r["id"]), "transcript": out.get("transcript") or "",
-                         "logical_form": out.get("logical_form") or ""})
+        enc = torch.stack([encs[i] for i in batch]).to(device, dtype)
+        for i, out in zip(batch, decode(slu, options, encoder_hidden=enc)):
+            hyps[i] = {"id": str(rows[i]["id"]), "transcript": out.get("transcript") or "",
+                       "logical_form": out.get("logical_form") or ""}
     seconds = time.perf_counter() - t0
     refs = [{"id": str(r["id"]), "domain": r.get("domain"), "transcript": r.get("transcript") or "",
              "logical_form": r.get("logical_form") or ""} for r in rows]
@@ -268,7 +276,7 @@ def _train_config(s: DemoSettings, corpus: Path, cache: Path, root: Path, seed: 
         "model": {
             "model": s.model, "grammar": "train", "target_format": s.target_format, "constraints": s.constraints,
             "freeze_encoder": True, "cache_encoder": True, "lr": s.lr, "warmup_steps": s.warmup_steps,
-            "weight_decay": 0.01, "val_max_new_tokens": s.max_new_tokens,
+            "weight_decay": 0.01, "val_max_new_tokens": s.max_new_tokens, "audio_context": s.audio_context,
         },
         "data": {
             "data_dir": str(corpus), "train_split": "train", "val_split": "eval", "batch_size": s.batch_size,
@@ -326,7 +334,7 @@ def run_demo(workdir: Path, settings: DemoSettings, seed: int = 0, jobs: int | N
     t0 = time.perf_counter()
     _log(f"[2/5] encoder: caching frozen {settings.model} encoder outputs in {cache_dir}")
     encoder, fe = base_encoder(settings.model)
-    cache = encoder_cache(encoder, fe, cache_dir)
+    cache = encoder_cache(encoder, fe, cache_dir, settings.audio_context)
     n_new = fill_encoder_cache(cache, encoder, fe, [r["audio"] for r in train_rows + eval_rows],
                                batch_size=settings.eval_batch_size, desc="encoder")
     del encoder
@@ -361,7 +369,7 @@ def run_demo(workdir: Path, settings: DemoSettings, seed: int = 0, jobs: int | N
     # 4. evaluation, constrained and unconstrained, from the cached encoder outputs
     t0 = time.perf_counter()
     _log(f"[4/5] evaluate: decoding of {len(eval_rows)} eval utterances (constrained greedy and beam 4, unconstrained)")
-    cache = encoder_cache(slu.model.get_encoder(), slu.feature_extractor, cache_dir)
+    cache = encoder_cache(slu.model.get_encoder(), slu.feature_extractor, cache_dir, slu.audio_context)
     fill_encoder_cache(cache, slu.model.get_encoder(), slu.feature_extractor, [r["audio"] for r in eval_rows],
                        desc="encoder")
     results = {}

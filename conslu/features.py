@@ -1,12 +1,13 @@
 """Encoder-output caching for training with a frozen Whisper encoder (CPU-scale runs).
 
 With the encoder frozen, its output for an utterance never changes, so it is computed once and
-reused every epoch; only the decoder is trained. Whisper's encoder always sees 30 s (3000 log-mel
-frames) and returns [1500, d_model]; the cache keeps all 1500 positions because the decoder
-cross-attends to every one of them (trimming would change the model's outputs).
+reused every epoch; only the decoder is trained. An entry is the encoder output over the
+utterance's audio context (:mod:`conslu.context`): [50 * seconds, d_model], all 1500 positions of
+Whisper's 30 s window for a model without one. The decoder cross-attends to every position, so
+an entry is never trimmed after the fact; a cache belongs to one context bucket.
 
 Entries are keyed by the audio file (absolute path, size, modification time) and a fingerprint of
-the encoder weights and feature-extractor settings, so a changed file or model never hits a stale
+the encoder weights, feature-extractor settings and context bucket, so a changed file or model never hits a stale
 entry. The cache lives in memory (``root=None``) or on disk as one fp16 safetensors file per
 utterance (about 1.1 MB each for tiny, 1.5 MB for base); disk writes are atomic.
 
@@ -27,7 +28,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from conslu.audio import MAX_SECONDS, load_audio, log_mel
+from conslu.audio import MAX_SECONDS, AudioError, duration, load_audio, log_mel
+from conslu.context import check_bucket, context_seconds, encode
 
 __all__ = ["EncoderCache", "model_fingerprint", "audio_key", "encoder_cache", "fill_encoder_cache", "base_encoder"]
 
@@ -54,9 +56,11 @@ def audio_key(path: str | os.PathLike, fingerprint: str) -> str:
 
 
 class EncoderCache:
-    """Encoder outputs ([1500, d_model], stored fp16) by key, in memory or in a folder."""
+    """Encoder outputs ([frames, d_model], stored fp16) by key, in memory or in a folder.
+    ``audio_context``: the bucket (seconds) its entries were encoded with (None: 30 s windows)."""
 
-    def __init__(self, root: str | os.PathLike | None, fingerprint: str) -> None:
+    def __init__(self, root: str | os.PathLike | None, fingerprint: str, audio_context: float | None = None) -> None:
+        self.audio_context = check_bucket(audio_context)
         self.fingerprint = fingerprint
         self.root = Path(root) / fingerprint[:16] if root is not None else None
         self._memory: dict[str, torch.Tensor] = {}
@@ -109,15 +113,18 @@ class EncoderCache:
     def fill(
         self,
         paths: Sequence[str],
-        load_features: Callable[[list[str]], torch.Tensor],
+        load_features: Callable[[list[str], float], torch.Tensor],
         encode: Callable[[torch.Tensor], torch.Tensor],
         *,
         batch_size: int = 8,
         progress: Callable[[Iterable], Iterable] | None = None,
+        durations: Callable[[str], float] | None = None,
     ) -> int:
         """Compute and store the outputs for every path not cached yet; returns how many were computed.
 
-        ``load_features(paths) -> [B, n_mels, 3000]`` log-mels; ``encode(features) -> [B, 1500, d]``.
+        ``load_features(paths, seconds) -> [B, n_mels, 100 * seconds]`` log-mels;
+        ``encode(features) -> [B, 50 * seconds, d]``. Batches never mix contexts: ``durations(path)``
+        (seconds, needed with an audio context) puts each path in its own.
         """
         todo: list[tuple[str, str]] = []
         seen: set[str] = set()
@@ -126,18 +133,28 @@ class EncoderCache:
             if k not in seen and k not in self:
                 todo.append((p, k))
                 seen.add(k)
-        chunks = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-        for chunk in progress(chunks) if progress is not None else chunks:
+        by_context: dict[float, list[tuple[str, str]]] = {}
+        for p, k in todo:
+            seconds = context_seconds(durations(p), self.audio_context) if self.audio_context is not None else 30.0
+            by_context.setdefault(seconds, []).append((p, k))
+        chunks = [(seconds, items[i : i + batch_size]) for seconds, items in sorted(by_context.items())
+                  for i in range(0, len(items), batch_size)]
+        for seconds, chunk in progress(chunks) if progress is not None else chunks:
             with torch.no_grad():
-                out = encode(load_features([p for p, _ in chunk]))
+                out = encode(load_features([p for p, _ in chunk], seconds))
             for (_, k), row in zip(chunk, out):
                 self.put(k, row)
         return len(todo)
 
 
-def encoder_cache(encoder: torch.nn.Module, feature_extractor: Any, root: str | os.PathLike | None) -> EncoderCache:
-    """The :class:`EncoderCache` of this encoder and feature extractor (in memory when ``root`` is None)."""
-    return EncoderCache(root, model_fingerprint(encoder, feature_extractor))
+def encoder_cache(encoder: torch.nn.Module, feature_extractor: Any, root: str | os.PathLike | None,
+                  audio_context: float | None = None) -> EncoderCache:
+    """The :class:`EncoderCache` of this encoder, feature extractor and context bucket (in memory when
+    ``root`` is None)."""
+    fingerprint = model_fingerprint(encoder, feature_extractor)
+    if audio_context is not None:  # 30 s caches keep the keys they always had
+        fingerprint = hashlib.sha256(f"{fingerprint}|context={check_bucket(audio_context)}".encode()).hexdigest()
+    return EncoderCache(root, fingerprint, audio_context)
 
 
 def _progress_bar(desc: str) -> Callable[[Iterable], Iterable]:
@@ -158,19 +175,26 @@ def fill_encoder_cache(cache: EncoderCache, encoder: torch.nn.Module, feature_ex
     audio longer than ``max_seconds`` is refused (:func:`conslu.audio.load_audio`). ``desc``: show
     a progress bar (stderr) with this label.
     """
-    def load(ps: list[str]) -> torch.Tensor:
-        return log_mel([load_audio(p, max_seconds=max_seconds) for p in ps], feature_extractor)
+    def load(ps: list[str], seconds: float) -> torch.Tensor:
+        return log_mel([load_audio(p, max_seconds=max_seconds) for p in ps], feature_extractor,
+                       None if cache.audio_context is None else seconds)
 
-    def encode(features: torch.Tensor) -> torch.Tensor:
+    def run(features: torch.Tensor) -> torch.Tensor:
         p = next(encoder.parameters())
-        return encoder(features.to(p.device, p.dtype)).last_hidden_state
+        return encode(encoder, features.to(p.device, p.dtype))
+
+    def seconds_of(path: str) -> float:
+        try:
+            return duration(path)
+        except AudioError:
+            return 30.0  # unreadable: load_audio reports it in the batch that loads it
 
     progress = None if desc is None else _progress_bar(desc)
 
     was_training = encoder.training
     encoder.eval()
     try:
-        return cache.fill(list(paths), load, encode, batch_size=batch_size, progress=progress)
+        return cache.fill(list(paths), load, run, batch_size=batch_size, progress=progress, durations=seconds_of)
     finally:
         encoder.train(was_training)
 

@@ -7,7 +7,7 @@ loop while it is written: when the transcript ends with the same n-gram (n <= ``
 tokens) repeated so that at least ``MIN_REPEAT`` tokens, and at least one whole copy, are repeats,
 the repeated copies are dropped and the transcript ends there. Legitimate speech rarely repeats
 itself like that ("no no no" is 2 repeated tokens and passes; five equal tokens in a row, three
-copies of a 2-token phrase, or two copies of a 4-token phrase do not).
+copies of a 2-token phrase, or two copies of a 4-token phrase or of a whole sentence do not).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-MAX_PERIOD = 8  # longest repeated n-gram looked for, in tokens
+MAX_PERIOD = 24  # longest repeated n-gram looked for, in tokens (a whole repeated sentence)
 MIN_REPEAT = 4  # fewest repeated tokens that count as a loop
-WINDOW = 32  # tokens of the tail examined
+WINDOW = 2 * MAX_PERIOD  # tokens of the tail examined
 
 
 def repeated_tail(ids: Tensor, n: Tensor, start: int, *, max_period: int = MAX_PERIOD,

@@ -20,6 +20,8 @@ from torch import Tensor
 
 from conslu.atomic import atomic_folder, atomic_write_json
 from conslu.constraints import Tables, build_tables
+from conslu.audio import log_mel
+from conslu.context import DEFAULT_BUCKET_SECONDS, check_bucket, context_seconds, encode, groups
 from conslu.decoding import DEFAULT_MAX_NEW_TOKENS, DecodingOptions, GrammarLogitsProcessor, decode, decode_tokens, resolve
 from conslu.grammar import Grammar
 from conslu.batch import TargetCollator
@@ -109,9 +111,11 @@ class ConSLU:
     """Whisper fine-tuned to emit ``transcript | logical form`` (or the WhiSLU JSON target)."""
 
     def __init__(self, model: Any, feature_extractor: Any, tokenizer: SLUTokenizer, grammar: Grammar,
-                 target_format: str = "simplified", constraints: str = "both") -> None:
+                 target_format: str = "simplified", constraints: str = "both",
+                 audio_context: float | None = None) -> None:
         _check_settings(target_format, constraints)
         self.model = model
+        self.audio_context = check_bucket(audio_context)  # seconds per bucket; None: the 30 s window
         self.feature_extractor = feature_extractor
         self.tokenizer = tokenizer
         self.grammar = grammar
@@ -123,9 +127,11 @@ class ConSLU:
     # -- construction -----------------------------------------------------------------------
     @classmethod
     def init(cls, base: str, grammar: Grammar | str | os.PathLike, target_format: str = "simplified",
-             constraints: str = "both") -> "ConSLU":
+             constraints: str = "both", audio_context: float | None = DEFAULT_BUCKET_SECONDS) -> "ConSLU":
         """An untrained ConSLU from a Whisper folder / short name and a grammar: a ``Grammar``, a JSON
-        file path or a shipped short name such as ``topv2`` (:func:`conslu.grammar.load_grammar`)."""
+        file path or a shipped short name such as ``topv2`` (:func:`conslu.grammar.load_grammar`).
+        ``audio_context``: the encoder's context bucket in seconds (:mod:`conslu.context`); None
+        keeps Whisper's 30 s window."""
         from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
         from conslu.grammar import load_grammar
@@ -136,11 +142,12 @@ class ConSLU:
         where = resolve_model(str(base))
         model = WhisperForConditionalGeneration.from_pretrained(where)
         fe = WhisperFeatureExtractor.from_pretrained(where)
-        return cls.from_parts(model, fe, _load_tokenizer(where), grammar, target_format, constraints)
+        return cls.from_parts(model, fe, _load_tokenizer(where), grammar, target_format, constraints, audio_context)
 
     @classmethod
     def from_parts(cls, model: Any, feature_extractor: Any, tokenizer: Any, grammar: Grammar,
-                   target_format: str = "simplified", constraints: str = "both") -> "ConSLU":
+                   target_format: str = "simplified", constraints: str = "both",
+                   audio_context: float | None = None) -> "ConSLU":
         """Add the ConSLU tokens to a (Whisper model, feature extractor, tokenizer) and wrap them."""
         _check_settings(target_format, constraints)
         tok = SLUTokenizer(tokenizer, grammar, target_format)
@@ -154,7 +161,7 @@ class ConSLU:
                 model.resize_token_embeddings(len(tok))
             _init_new_embeddings(model, tok, old)
         _fill_generation_config(model, tok)
-        return cls(model, feature_extractor, tok, grammar, target_format, constraints)
+        return cls(model, feature_extractor, tok, grammar, target_format, constraints, audio_context)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, target_format: str | None = None,
@@ -211,7 +218,11 @@ class ConSLU:
         if model.get_input_embeddings().weight.shape[0] != len(tok):
             raise ModelFolderError(f"{folder}: model has {model.get_input_embeddings().weight.shape[0]} embeddings, tokenizer {len(tok)} tokens")
         _fill_generation_config(model, tok)
-        obj = cls(model, fe, tok, grammar, fmt, constraints or cfg.get("constraints", "both"))
+        try:
+            context = check_bucket(cfg.get("audio_context"))  # absent in older folders: the 30 s window
+        except (TypeError, ValueError) as e:
+            raise ModelFolderError(f"{cfg_path}: audio_context: {e}") from None
+        obj = cls(model, fe, tok, grammar, fmt, constraints or cfg.get("constraints", "both"), context)
         if device is not None:
             obj.to(device)
         return obj
@@ -232,7 +243,7 @@ class ConSLU:
                "constraints": self.constraints, "label_tokens": list(self.tokenizer.label_tokens),
                "structure_tokens": {"open": self.tokenizer.open_id, "close": self.tokenizer.close_id,
                                     "separator": self.tokenizer.sep_id},
-               "prefix_ids": list(self.tokenizer.prefix_ids)}
+               "prefix_ids": list(self.tokenizer.prefix_ids), "audio_context": self.audio_context}
         atomic_write_json(folder / CONFIG_NAME, cfg, indent=2)
 
     def to(self, device: Any) -> "ConSLU":
@@ -285,19 +296,41 @@ class ConSLU:
     def loss(self, input_features: Tensor | None, labels: Tensor, *, decoder_input_ids: Tensor | None = None,
              loss_states: LossStates | None = None, encoder_outputs: Any = None) -> Tensor:
         """Training loss (constrained per ``self.constraints``); give ``encoder_outputs`` instead of
-        ``input_features`` for a cached frozen encoder."""
+        ``input_features`` for a cached frozen encoder. Features may be cut to an audio context."""
         if decoder_input_ids is None:
             decoder_input_ids = self.decoder_inputs(labels)
-        out = self.model(input_features=input_features if encoder_outputs is None else None,
-                         encoder_outputs=encoder_outputs, decoder_input_ids=decoder_input_ids, use_cache=False)
+        if encoder_outputs is None:
+            encoder_outputs = (encode(self.model.get_encoder(), input_features),)
+        out = self.model(encoder_outputs=encoder_outputs, decoder_input_ids=decoder_input_ids, use_cache=False)
         return slu_loss(out.logits, labels, self.tables if self.loss_constrained else None,
                         constrained=self.loss_constrained, states=loss_states)
 
     # -- inference --------------------------------------------------------------------------
-    def features(self, audios: Sequence[np.ndarray]) -> Tensor:
-        feats = self.feature_extractor([np.asarray(a, dtype=np.float32) for a in audios],
-                                       sampling_rate=self.feature_extractor.sampling_rate, return_tensors="pt").input_features
+    def context(self, audio: np.ndarray) -> float:
+        """The seconds the encoder reads for this audio: its length rounded up to ``audio_context``
+        seconds, or Whisper's 30 s window (:func:`conslu.context.context_seconds`)."""
+        return context_seconds(len(audio) / self.sampling_rate, self.audio_context)
+
+    @property
+    def sampling_rate(self) -> int:
+        return int(self.feature_extractor.sampling_rate)
+
+    def features(self, audios: Sequence[np.ndarray], seconds: float | None = None) -> Tensor:
+        """Log-mel features [B, n_mels, 100 * seconds] on the model's device and dtype; ``seconds``
+        defaults to the longest audio's context (:meth:`context`)."""
+        arrays = [np.asarray(a, dtype=np.float32) for a in audios]
+        if seconds is None:
+            seconds = max(self.context(a) for a in arrays)
+        feats = log_mel(arrays, self.feature_extractor, seconds)
         return feats.to(self.device, dtype=next(self.model.parameters()).dtype)
+
+    def _by_context(self, audios: Sequence[np.ndarray], run: Any) -> list:
+        """``run(features)`` once per audio context (each audio at its own), results in input order."""
+        out: list = [None] * len(audios)
+        for seconds, idx in groups([len(a) / self.sampling_rate for a in audios], self.audio_context).items():
+            for i, r in zip(idx, run(self.features([audios[i] for i in idx], seconds))):
+                out[i] = r
+        return out
 
     def logits_processor(self, max_length: int | None) -> GrammarLogitsProcessor:
         """The constrained ``LogitsProcessor`` for ``self.model.generate`` (prompt = ``tokenizer.prefix_ids``)."""
@@ -330,7 +363,8 @@ class ConSLU:
         ``options`` (``DecodingOptions``) or its fields as keywords: ``slu.parse(audios, beam_size=4)``."""
         if not len(audios):
             return []
-        return decode(self, _options(options, overrides), input_features=self.features(audios))
+        opts = _options(options, overrides)
+        return self._by_context(audios, lambda feats: decode(self, opts, input_features=feats))
 
     def result(self, ids: Sequence[int]) -> dict:
         transcript, lf = self.tokenizer.decode(ids)

@@ -25,15 +25,19 @@ __all__ = ["load_model", "model_error", "check_options", "decode", "model_finger
            "file_key", "file_items", "directory_error", "record"]
 
 
-def load_model(path: str, device: str | None = None) -> Any:
-    """``ConSLU.from_pretrained(path)`` on ``device`` (default: CUDA when available, else CPU)."""
+def load_model(path: str, device: str | None = None, audio_context: float | None | str = "model") -> Any:
+    """``ConSLU.from_pretrained(path)`` on ``device`` (default: CUDA when available, else CPU);
+    ``audio_context``: ``"model"`` keeps the folder's, else the bucket in seconds (None: 30 s windows)."""
     import torch
 
     from conslu.model import ConSLU
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return ConSLU.from_pretrained(path).to(device)
+    slu = ConSLU.from_pretrained(path).to(device)
+    if audio_context != "model":
+        slu.audio_context = audio_context
+    return slu
 
 
 def model_error(model: str, e: Exception) -> str:
@@ -82,13 +86,15 @@ def model_fingerprint(path: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
-def decode_settings(model: str, options: Any) -> dict:
+def decode_settings(model: str, options: Any, audio_context: float | None | str = "model") -> dict:
     """Settings that change a model's output (``options``: ``DecodingOptions``), recorded beside
-    resumable outputs: the model folder, its fingerprint and the options (less ``speculative``,
-    which gives the same output either way)."""
+    resumable outputs: the model folder, its fingerprint (its own audio context included), the
+    options (less ``speculative``, which gives the same output either way) and an overridden
+    audio context."""
     opts = options.as_dict()
     opts.pop("speculative")
-    return {"model": str(Path(model).resolve()), "model_fingerprint": model_fingerprint(model), **opts}
+    extra = {} if audio_context == "model" else {"audio_context": audio_context}
+    return {"model": str(Path(model).resolve()), "model_fingerprint": model_fingerprint(model), **opts, **extra}
 
 
 def file_key(path: str) -> str:

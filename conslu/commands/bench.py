@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
             final_loss = bench.quick_finetune(slu, slu.features([u.audio for u in utts]), utts, ft_steps)
         res = bench.run_bench(slu, utts, repeats=repeats, batch=4 if quick else 16, loss_full_model=not quick,
                               max_new=40 if quick else bench.BENCH_MAX_NEW)
+        res.update(bench.context_bench(slu, utts, repeats=repeats, batch=4 if quick else 16))
     except (bench.BenchError, ValueError, OSError) as e:
         print(f"conslu bench: error: {e}", file=sys.stderr)
         return 2

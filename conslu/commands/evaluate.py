@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         return usage_error(f"{args.data}: no utterances in split {args.split!r}"
                            f"{' for domains ' + ', '.join(args.domains) if args.domains else ''}")
     load, options = slu_loader(args)
-    settings = {**parse.decode_settings(args.model, options), "data": str(Path(args.data).resolve()), "split": args.split}
+    settings = {**parse.decode_settings(args.model, options, args.audio_context), "data": str(Path(args.data).resolve()), "split": args.split}
     decoding = {k: v for k, v in settings.items() if k not in ("model", "model_fingerprint", "data", "split")}
     out = Path(args.out) if args.out else evaluate.default_output(args.model, args.data, args.split, decoding)
     res = run_files(evaluate.items(rows), load, lambda model, audios: parse.decode(model, audios, options),

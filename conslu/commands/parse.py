@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     load, options = slu_loader(args)
     res = run_files(items, load, lambda model, audios: parse.decode(model, audios, options), parse.record,
                     batch_size=args.batch_size, out=args.out, key=lambda r: parse.file_key(str(r["file"])),
-                    settings=parse.decode_settings(args.model, options) if args.out else None,
+                    settings=parse.decode_settings(args.model, options, args.audio_context) if args.out else None,
                     debug=args.debug, progress="parse", resumed="files already done, skipped", noun="results")
     if res.code is not None:
         return res.code

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from conslu.audio import load_audio, log_mel
 from conslu.batch import META, TargetCollator
+from conslu.context import context_seconds
 
 __all__ = ["SLUExamples", "TargetCollator", "SLUCollator"]
 
@@ -60,14 +61,25 @@ class SLUCollator:
     lacks): they are decoded and scored but have no loss; ``target_rows`` lists the others.
     """
 
-    def __init__(self, targets: TargetCollator, feature_extractor: Any, *, strict: bool = True) -> None:
+    def __init__(self, targets: TargetCollator, feature_extractor: Any, *, strict: bool = True,
+                 audio_context: float | None = None) -> None:
         self.targets = targets
         self.feature_extractor = feature_extractor
         self.strict = strict
+        self.audio_context = audio_context
 
     @classmethod
     def for_model(cls, slu: Any, *, strict: bool = True) -> "SLUCollator":
-        return cls(TargetCollator.for_model(slu), slu.feature_extractor, strict=strict)
+        return cls(TargetCollator.for_model(slu), slu.feature_extractor, strict=strict, audio_context=slu.audio_context)
+
+    def features(self, audios: list) -> torch.Tensor:
+        """Log-mels of a batch: cut to its longest audio's context (batches do not mix contexts:
+        :class:`conslu.training.sampling.BucketBatchSampler` with ``groups``), or 30 s windows."""
+        if self.audio_context is None:
+            return log_mel(audios, self.feature_extractor)
+        sr = int(self.feature_extractor.sampling_rate)
+        seconds = max(context_seconds(len(a) / sr, self.audio_context) for a in audios)
+        return log_mel(audios, self.feature_extractor, seconds)
 
     @staticmethod
     def _target(e: dict) -> tuple[str, str, dict]:
@@ -87,9 +99,13 @@ class SLUCollator:
             ]
         }
         if "encoder_output" in examples[0]:
+            lengths = {e["encoder_output"].shape[0] for e in examples}
+            if len(lengths) > 1:
+                raise ValueError(f"cached encoder outputs of {sorted(lengths)} positions in one batch: "
+                                 "batches must not mix audio contexts (BucketBatchSampler groups)")
             batch["encoder_outputs"] = torch.stack([e["encoder_output"] for e in examples])
         else:
-            batch["input_features"] = log_mel([e["audio_array"] for e in examples], self.feature_extractor)
+            batch["input_features"] = self.features([e["audio_array"] for e in examples])
         ok = []
         for i, e in enumerate(examples):
             transcript, lf, meta = self._target(e)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
+from conslu.context import context_seconds
 from conslu.data import DataError, read_stop
 from conslu.training.data import SLUCollator, SLUExamples, TargetCollator
 from conslu.training.rows import (audio_duration, audio_paths, report_skipped, row_location, target_length,
@@ -80,6 +81,7 @@ class SLUDataModule(pl.LightningDataModule):
         self.val_rows: list[dict] | None = None
         self.targets: TargetCollator | None = None  # set by connect()
         self.feature_extractor: Any = None
+        self.audio_context: float | None = None  # the model's (set by connect())
         self._labels: list[str] | None = None
         self._rows_checked = False
         #: an EncoderCache holding every row's encoder output (None: load audio, compute log-mels)
@@ -115,6 +117,7 @@ class SLUDataModule(pl.LightningDataModule):
         (now if they are read, else when the training loader is made)."""
         self.targets = TargetCollator.for_model(slu)
         self.feature_extractor = slu.feature_extractor
+        self.audio_context = slu.audio_context
         self._labels = list(slu.grammar.labels) if slu.target_format == "simplified" else None
         self._rows_checked = False
         self._check_rows()
@@ -151,6 +154,13 @@ class SLUDataModule(pl.LightningDataModule):
             return [audio_duration(r.get("audio")) for r in rows]
         return [target_length(r) for r in rows]
 
+    def _groups(self, rows: list[dict]) -> list[float] | None:
+        """Each row's audio context (from the file headers), so batches never mix two; None
+        without one (30 s windows)."""
+        if self.audio_context is None:
+            return None
+        return [context_seconds(audio_duration(r.get("audio")), self.audio_context) for r in rows]
+
     def _examples(self, rows: list[dict]) -> SLUExamples:
         cache = self.encoder_cache
         if cache is None:
@@ -160,7 +170,7 @@ class SLUDataModule(pl.LightningDataModule):
     def _collator(self, strict: bool) -> SLUCollator:
         if self.targets is None:
             raise RuntimeError("SLUDataModule.connect(slu) first (SLUModule.setup does it under a Trainer)")
-        return SLUCollator(self.targets, self.feature_extractor, strict=strict)
+        return SLUCollator(self.targets, self.feature_extractor, strict=strict, audio_context=self.audio_context)
 
     def _progress(self) -> int:
         trainer = self.trainer
@@ -174,7 +184,7 @@ class SLUDataModule(pl.LightningDataModule):
         self._check_rows()
         assert self.train_rows is not None
         sampler = BucketBatchSampler(self._lengths(self.train_rows), self.batch_size, bucket_size=self.bucket_size,
-                                     shuffle=self.shuffle, seed=self.seed)
+                                     shuffle=self.shuffle, seed=self.seed, groups=self._groups(self.train_rows))
         return ResumableDataLoader(
             self._examples(self.train_rows),
             batch_sampler=sampler,
@@ -189,7 +199,8 @@ class SLUDataModule(pl.LightningDataModule):
         assert self.val_rows is not None
         collate = self._collator(strict=False)
         sampler = BucketBatchSampler(self._lengths(self.val_rows), self.val_batch_size,
-                                     bucket_size=max(1, len(self.val_rows)), shuffle=False)
+                                     bucket_size=max(1, len(self.val_rows)), shuffle=False,
+                                     groups=self._groups(self.val_rows))
         return DataLoader(
             self._examples(self.val_rows),
             batch_sampler=sampler,

@@ -12,6 +12,7 @@ import torch
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from conslu.decoding import DecodingOptions, decode
+from conslu.context import DEFAULT_BUCKET_SECONDS, encode
 from conslu.features import EncoderCache, encoder_cache, fill_encoder_cache
 from conslu.grammar import Grammar
 from conslu.model import ConSLU, is_model_folder
@@ -44,6 +45,8 @@ class SLUModule(pl.LightningModule):
             ``lr`` and linear decay to 0 at the last step (``transformers.get_linear_schedule_with_warmup``).
         spec_augment: mask frequency bands and time spans of the training log-mels.
         val_max_new_tokens: decoding budget for validation (None: the model's default).
+        audio_context: encoder context bucket in seconds for a new model (:mod:`conslu.context`;
+            None: Whisper's 30 s window); a ConSLU folder keeps its own.
 
     Under a Trainer, :meth:`setup` builds the model and connects the data module to it; with a
     cached encoder, :meth:`on_fit_start` fills the cache (the model is on its device then, with
@@ -70,6 +73,7 @@ class SLUModule(pl.LightningModule):
         num_freq_masks: int = 2,
         num_time_masks: int = 2,
         val_max_new_tokens: int | None = None,
+        audio_context: float | None = DEFAULT_BUCKET_SECONDS,
     ) -> None:
         super().__init__()
         if cache_encoder and not freeze_encoder:
@@ -101,7 +105,8 @@ class SLUModule(pl.LightningModule):
                 if train_logical_forms is None:
                     raise ValueError("model.grammar=train needs the training split (run under a Trainer with the data module)")
                 grammar = Grammar.extract(train_logical_forms)
-            slu = ConSLU.init(hp.model, grammar, target_format=hp.target_format, constraints=hp.constraints)
+            slu = ConSLU.init(hp.model, grammar, target_format=hp.target_format, constraints=hp.constraints,
+                              audio_context=hp.audio_context)
         self.slu = slu
         self.whisper = slu.model
         self.whisper.train()  # from_pretrained leaves eval mode; Lightning keeps modules' modes
@@ -133,7 +138,8 @@ class SLUModule(pl.LightningModule):
         """The cache of this model's encoder in ``cache_dir`` (None: in memory), one per folder."""
         assert self.whisper is not None and self.slu is not None, "build() first"
         if self._cache is None or self._cache_dir != str(cache_dir):
-            self._cache = encoder_cache(self.whisper.get_encoder(), self.slu.feature_extractor, cache_dir)
+            self._cache = encoder_cache(self.whisper.get_encoder(), self.slu.feature_extractor, cache_dir,
+                                        self.slu.audio_context)
             self._cache_dir = str(cache_dir)
         return self._cache
 
@@ -170,8 +176,8 @@ class SLUModule(pl.LightningModule):
         encoder = self.whisper.get_encoder()
         if self.hparams.freeze_encoder:
             with torch.no_grad():
-                return encoder(features).last_hidden_state
-        return encoder(features).last_hidden_state
+                return encode(encoder, features)
+        return encode(encoder, features)
 
     def dtype_for_encoder_outputs(self) -> torch.dtype:
         return next(self.whisper.get_decoder().parameters()).dtype

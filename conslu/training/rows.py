@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import soundfile
-
+from conslu.audio import AudioError, duration
 from conslu.loss import uncopyable_rows
 
 __all__ = ["target_length", "audio_duration", "audio_paths", "report_skipped", "row_location", "unlearnable_rows"]
@@ -28,10 +27,9 @@ def audio_duration(path: str | None) -> float:
     if not path:
         return 0.0
     try:
-        info = soundfile.info(path)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read audio header ({e})") from e
-    return info.frames / max(info.samplerate, 1)
+        return duration(path)
+    except AudioError as e:
+        raise ValueError(str(e)) from e
 
 
 def audio_paths(rows: Sequence[dict]) -> list[str]:

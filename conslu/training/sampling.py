@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -25,6 +25,8 @@ class BucketBatchSampler(Sampler[list[int]]):
     Each epoch: shuffle all indices (seeded by ``seed + epoch``), cut them into buckets of
     ``batch_size * bucket_size`` items, sort each bucket by length, cut it into batches, then
     shuffle the batches. With ``shuffle=False`` the order is fixed (buckets in index order).
+    ``groups`` (one key per item, e.g. its audio context): batches never mix two groups; each group
+    is bucketed as above on its own.
     Every rank gets the same number of batches (the list is padded by repeating batches from the
     start, as ``DistributedSampler`` does). ``skip_to(epoch, n)`` makes the next iteration of that
     epoch start after its first ``n`` batches (exact mid-epoch resume).
@@ -41,12 +43,16 @@ class BucketBatchSampler(Sampler[list[int]]):
         drop_last: bool = False,
         num_replicas: int | None = None,
         rank: int | None = None,
+        groups: Sequence[Hashable] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if bucket_size < 1:
             raise ValueError(f"bucket_size must be >= 1, got {bucket_size}")
         self.lengths = [float(x) for x in lengths]
+        if groups is not None and len(groups) != len(self.lengths):
+            raise ValueError(f"groups has {len(groups)} entries for {len(self.lengths)} lengths")
+        self.groups = list(groups) if groups is not None else None
         self.batch_size = batch_size
         self.bucket_size = bucket_size
         self.shuffle = shuffle
@@ -83,21 +89,30 @@ class BucketBatchSampler(Sampler[list[int]]):
     def all_batches(self, epoch: int | None = None) -> list[list[int]]:
         """Every rank's batches for ``epoch``, before sharding."""
         epoch = self.epoch if epoch is None else epoch
-        idx = list(range(len(self.lengths)))
         rng = random.Random(self.seed * 1_000_003 + epoch)
-        if self.shuffle:
-            rng.shuffle(idx)
         chunk = self.batch_size * self.bucket_size
         batches: list[list[int]] = []
-        for start in range(0, len(idx), chunk):
-            bucket = sorted(idx[start : start + chunk], key=lambda i: self.lengths[i])
-            for b in range(0, len(bucket), self.batch_size):
-                batch = bucket[b : b + self.batch_size]
-                if len(batch) == self.batch_size or not self.drop_last:
-                    batches.append(batch)
+        for idx in self._partition():
+            if self.shuffle:
+                rng.shuffle(idx)
+            for start in range(0, len(idx), chunk):
+                bucket = sorted(idx[start : start + chunk], key=lambda i: self.lengths[i])
+                for b in range(0, len(bucket), self.batch_size):
+                    batch = bucket[b : b + self.batch_size]
+                    if len(batch) == self.batch_size or not self.drop_last:
+                        batches.append(batch)
         if self.shuffle:
             rng.shuffle(batches)
         return batches
+
+    def _partition(self) -> list[list[int]]:
+        """Index lists that batches never cross: one per group (in first-seen order), or all indices."""
+        if self.groups is None:
+            return [list(range(len(self.lengths)))]
+        parts: dict[Hashable, list[int]] = {}
+        for i, g in enumerate(self.groups):
+            parts.setdefault(g, []).append(i)
+        return list(parts.values())
 
     def _shard(self, batches: list[list[int]]) -> list[list[int]]:
         r, n = self.rank, self.num_replicas
@@ -118,11 +133,12 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         chunk = self.batch_size * self.bucket_size
-        n = len(self.lengths)
         total = 0
-        for start in range(0, n, chunk):
-            size = min(chunk, n - start)
-            total += size // self.batch_size if self.drop_last else math.ceil(size / self.batch_size)
+        for part in self._partition():
+            n = len(part)
+            for start in range(0, n, chunk):
+                size = min(chunk, n - start)
+                total += size // self.batch_size if self.drop_last else math.ceil(size / self.batch_size)
         return math.ceil(total / self.num_replicas) if total else 0
 
 

@@ -30,7 +30,6 @@ interrupted training from its ``last.ckpt``. ``--smoke``: a handful of utterance
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import os
@@ -44,6 +43,7 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
 from conslu.atomic import atomic_write_text  # noqa: E402
+from conslu.context import DEFAULT_BUCKET_SECONDS  # noqa: E402
 from conslu.decoding import DecodingOptions  # noqa: E402
 from conslu.demo import evaluate_cached, fit, machine_info, read_rows, synth_corpus  # noqa: E402
 from conslu.features import base_encoder, encoder_cache, fill_encoder_cache  # noqa: E402
@@ -261,7 +261,7 @@ def run(args: argparse.Namespace) -> dict:
     cache_dir = work / "cache"
     _log(f"[2/4] encoder: caching whisper-tiny.en encoder outputs in {cache_dir}")
     encoder, fe = base_encoder("whisper-tiny.en")
-    cache = encoder_cache(encoder, fe, cache_dir)
+    cache = encoder_cache(encoder, fe, cache_dir, DEFAULT_BUCKET_SECONDS)  # the variants' context (conf default)
     n_new = fill_encoder_cache(cache, encoder, fe, [r["audio"] for r in train_rows + eval_rows], batch_size=16,
                                desc="encoder")
     report.setdefault("encoder_cache", {})
