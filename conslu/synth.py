@@ -145,6 +145,15 @@ def choose_speaker(seed: int, file_id: str, voices: Sequence[str] = DEFAULT_VOIC
     return Speaker(voice=voices[rng.randrange(len(voices))], rate=rng.randint(*rates), pitch=rng.randint(*pitches))
 
 
+def choose_noise(seed: int, file_id: str, levels: "float | Sequence[float | None] | None") -> float | None:
+    """The SNR (dB, None: clean) of one utterance: ``levels`` itself when one value, else one of
+    them drawn from (seed, file_id)."""
+    if levels is None or isinstance(levels, (int, float)):
+        return None if levels is None else float(levels)
+    options = list(levels)
+    return options[random.Random(f"{seed}|noise|{file_id}").randrange(len(options))]
+
+
 def _noise_seed(seed: int, file_id: str) -> list[int]:
     return [seed & 0xFFFFFFFF, zlib.crc32(file_id.encode())]
 
@@ -354,10 +363,12 @@ class SynthResult:
     bad_rows: tuple[str, ...] = ()
 
 
-def _settings(seed: int, voices: Sequence[str], noise_snr: float | None) -> dict:
+def _settings(seed: int, voices: Sequence[str], noise_snr: "float | Sequence[float | None] | None") -> dict:
     version = subprocess.run([_espeak_binary(), "--version"], capture_output=True, text=True).stdout.strip()
     return {"format": _FORMAT_VERSION, "seed": seed, "voices": list(voices), "rates": list(RATE_RANGE),
-            "pitches": list(PITCH_RANGE), "noise_snr": noise_snr, "sample_rate": SAMPLE_RATE,
+            "pitches": list(PITCH_RANGE),
+            "noise_snr": noise_snr if noise_snr is None or isinstance(noise_snr, (int, float)) else list(noise_snr),
+            "sample_rate": SAMPLE_RATE,
             "espeak": version.split(" Data at:")[0]}
 
 
@@ -389,10 +400,12 @@ def _remove_stale_temps(dirs: Iterable[Path], pattern: str) -> int:
 
 
 def synthesize(utterances: Sequence[Utterance], out: str | os.PathLike, *, seed: int = 0,
-               voices: Sequence[str] | None = None, noise_snr: float | None = None, jobs: int | None = None,
+               voices: Sequence[str] | None = None, noise_snr: "float | Sequence[float | None] | None" = None,
+               jobs: int | None = None,
                limit: int | None = None, skip_bad: bool = False, progress: bool = True,
                bad_rows: Sequence[str] = ()) -> SynthResult:
-    """Write the STOP-layout corpus for ``utterances`` under ``out`` (see the module docstring)."""
+    """Write the STOP-layout corpus for ``utterances`` under ``out`` (see the module docstring).
+    ``noise_snr``: one SNR in dB for every utterance, or several (None: clean) drawn per utterance."""
     from conslu.data import stop_row, write_manifest
 
     t0 = time.perf_counter()
@@ -444,8 +457,9 @@ def synthesize(utterances: Sequence[Utterance], out: str | os.PathLike, *, seed:
             if _complete_wav(path):
                 result.skipped += 1
             else:
-                todo.append((path, row["normalized_utterance"], spk, _noise_seed(seed, row["file_id"]), u.source))
-        failures = _run_jobs(todo, noise_snr, jobs, progress, result)
+                todo.append((path, row["normalized_utterance"], spk, choose_noise(seed, row["file_id"], noise_snr),
+                             _noise_seed(seed, row["file_id"]), u.source))
+        failures = _run_jobs(todo, jobs, progress, result)
         if failures:
             shown = "\n".join(failures[:10]) + (f"\n... and {len(failures) - 10} more" if len(failures) > 10 else "")
             raise SynthError(f"{len(failures)} utterance(s) could not be synthesised (rerun to resume):\n{shown}")
@@ -494,7 +508,7 @@ class _locked:
         self.fh.close()
 
 
-def _run_jobs(todo: list, noise_snr: float | None, jobs: int | None, progress: bool, result: SynthResult) -> list[str]:
+def _run_jobs(todo: list, jobs: int | None, progress: bool, result: SynthResult) -> list[str]:
     """Render ``todo`` with ``jobs`` espeak-ng processes at a time; returns failure messages.
 
     Threads suffice: each job's work is an espeak-ng child process plus GIL-free resampling and
@@ -509,8 +523,8 @@ def _run_jobs(todo: list, noise_snr: float | None, jobs: int | None, progress: b
     bar = tqdm(total=len(todo), desc="synth", unit="utt", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     pool = ThreadPoolExecutor(max_workers=jobs)
     try:
-        futures = {pool.submit(render, path, text, spk, noise_snr=noise_snr, noise_seed=ns): (path, src)
-                   for path, text, spk, ns, src in todo}
+        futures = {pool.submit(render, path, text, spk, noise_snr=snr, noise_seed=ns): (path, src)
+                   for path, text, spk, snr, ns, src in todo}
         for fut in as_completed(futures):
             path, src = futures[fut]
             try:

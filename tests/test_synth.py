@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import signal
 import subprocess
@@ -162,6 +163,35 @@ def test_noise_option_is_seeded(tmp_path, inputs):
     x, _ = sf.read(a / wav)
     y, _ = sf.read(clean / wav)
     assert x.shape == y.shape and not np.array_equal(x, y)
+
+
+def test_noise_levels_are_drawn_per_utterance():
+    ids = [f"train/alarm_train/{i:08d}.wav" for i in range(200)]
+    drawn = [synth.choose_noise(0, f, [None, 30.0, 20.0]) for f in ids]
+    assert set(drawn) == {None, 30.0, 20.0}
+    assert drawn == [synth.choose_noise(0, f, [None, 30.0, 20.0]) for f in ids]  # a function of (seed, file)
+    assert drawn != [synth.choose_noise(1, f, [None, 30.0, 20.0]) for f in ids]
+    assert synth.choose_noise(0, ids[0], 15) == 15.0 and synth.choose_noise(0, ids[0], None) is None
+
+
+@needs_espeak
+def test_several_noise_levels_on_the_command_line(tmp_path, inputs):
+    out, clean = tmp_path / "mixed", tmp_path / "clean"
+    seed = next(k for k in range(100)  # a seed that draws both levels for these utterances
+                if {synth.choose_noise(k, f"eval_0/weather_eval_0/{i:08d}.wav", [None, 10.0]) for i in range(2)}
+                | {synth.choose_noise(k, f"train/alarm_train/{i:08d}.wav", [None, 10.0]) for i in range(2)}
+                == {None, 10.0})
+    assert run(*inputs, "--out", str(out), "--noise-snr", "none", "10", "--seed", str(seed)) == 0
+    assert run(*inputs, "--out", str(clean), "--seed", str(seed)) == 0
+    a, b = digests(clean), digests(out)
+    wavs = [k for k in a if k.endswith(".wav")]
+    assert len(wavs) == 4
+    for k in wavs:
+        fid = k.replace("eval_0/weather_eval/", "eval_0/weather_eval_0/")  # the file id (the release quirk)
+        assert (a[k] == b[k]) == (synth.choose_noise(seed, fid, [None, 10.0]) is None), k
+    assert json.loads((out / ".conslu-synth.json").read_text())["noise_snr"] == [None, 10.0]
+    with pytest.raises(SystemExit):
+        run(inputs[0], "--out", str(tmp_path / "bad"), "--noise-snr", "loud")
 
 
 @needs_espeak

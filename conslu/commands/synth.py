@@ -11,6 +11,22 @@ NAME = "synth"
 HELP = "speak TOPv2/STOP text with espeak-ng into a STOP-layout corpus"
 
 
+def _snr(value: str) -> float | None:
+    if value.lower() == "none":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a number of dB or none") from None
+
+
+def _levels(values: list | None) -> "float | list | None":
+    """One level as a number (the corpus settings of before), several as a list."""
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", help="TOPv2 .tsv files (split from names like weather_eval.tsv) or STOP manifests")
     p.add_argument("--out", required=True, help="corpus folder (STOP layout)")
@@ -19,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="at most this many utterances per split")
     p.add_argument("--jobs", type=int, default=None, help="parallel processes (default: CPU count)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--noise-snr", type=float, default=None, help="add white noise at this SNR in dB")
+    p.add_argument("--noise-snr", type=_snr, nargs="+", default=None, metavar="DB",
+                   help="add white noise at this SNR in dB; several values (none: clean) are drawn per utterance")
     p.add_argument("--voices", nargs="*", default=None, help="espeak-ng voices to draw from")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed rows (reported) instead of failing")
 
@@ -49,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             print("conslu synth: no utterances left after filtering (check --splits/--domains and the inputs)",
                   file=sys.stderr)
             return 1
-        res = synth.synthesize(utts, args.out, seed=args.seed, voices=args.voices, noise_snr=args.noise_snr,
+        res = synth.synthesize(utts, args.out, seed=args.seed, voices=args.voices, noise_snr=_levels(args.noise_snr),
                                jobs=args.jobs, limit=args.limit, skip_bad=args.skip_bad, progress=True,
                                bad_rows=report)
     except (synth.SynthError, DataError, MalformedTreeError, FileNotFoundError, IsADirectoryError) as e:
