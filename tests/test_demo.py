@@ -14,14 +14,14 @@ from conslu.commands import demo as command
 
 
 def _score(em: float, valid: float, n: int = 10) -> dict:
-    return {"n": n, "em": em, "em_tree": em, "validity": valid, "wer": 0.125, "seconds": 1.5}
+    return {"n": n, "em": em, "em_tree": em, "validity": valid, "wer": 0.125, "seconds": 1.5, "utt_per_s": 6.67}
 
 
 def test_format_results_is_a_markdown_table_in_percent() -> None:
     table = demo.format_results([("constrained", _score(0.5, 1.0)), ("unconstrained", _score(0.25, 0.75))])
     lines = table.splitlines()
     assert lines[0].startswith("| decoding | n | EM |") and lines[1].startswith("|---|")
-    assert lines[2] == "| constrained | 10 | 50.00 | 50.00 | 100.00 | 12.50 | 1.5 |"
+    assert lines[2] == "| constrained | 10 | 50.00 | 50.00 | 100.00 | 12.50 | 6.67 |"
     assert lines[3].split("|")[3].strip() == "25.00" and lines[3].split("|")[5].strip() == "75.00"
     assert all(line.count("|") == 8 for line in lines)
 
@@ -99,10 +99,14 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     summary = json.loads((work / "demo.json").read_text())
     assert summary["n_train"] == demo.QUICK.train_limit and summary["n_eval"] == demo.QUICK.eval_limit
     assert summary["train"]["steps"] == demo.QUICK.max_steps
-    for name in ("constrained", "unconstrained"):
+    for name in ("constrained", "unconstrained", "unseen voices, constrained"):
         r = summary["results"][name]
-        assert r["n"] == demo.QUICK.eval_limit and 0.0 <= r["em"] <= 1.0
-    assert summary["results"]["constrained"]["validity"] == 1.0  # constrained decoding is always valid
+        assert r["n"] == demo.QUICK.eval_limit and 0.0 <= r["em"] <= 1.0 and r["utt_per_s"] > 0
+    for name in ("constrained", "constrained, beam 4", "unseen voices, constrained", "unseen voices, beam 4"):
+        assert summary["results"][name]["validity"] == 1.0  # constrained decoding is always valid
+    assert json.loads((work / "model" / "conslu.json").read_text())["audio_context"] == demo.QUICK.audio_context
+    unseen = json.loads((work / "unseen" / ".conslu-synth.json").read_text())
+    assert set(unseen["voices"]).isdisjoint(json.loads((work / "corpus" / ".conslu-synth.json").read_text())["voices"])
     assert summary["sample"]["constrained"]["valid"] is True
     from conslu.model import CONFIG_NAME
 
@@ -115,4 +119,4 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     # rerun: corpus and model are reused, not rebuilt
     assert command.run(args) == 0
     err = capsys.readouterr().err
-    assert "0 wav(s) written" in err and "skipped" in err and "0 computed" in err
+    assert "0 wav(s) written" in err and "skipped" in err and "trained with these settings already" in err

@@ -42,8 +42,11 @@ def print_summary(s: dict) -> None:
     from conslu.demo import format_results
 
     res = s["results"]
-    print(f"\nConSLU demo: whisper-tiny.en, decoder fine-tuned on {s['n_train']} espeak-ng utterances "
-          f"({s['train'].get('steps')} steps), eval on {s['n_eval']}")
+    st = s["settings"]
+    what = "decoder" if st.get("freeze_encoder") else "whole model"
+    print(f"\nConSLU demo: {st.get('model', 'whisper-tiny.en')}, {what} fine-tuned on {s['n_train']} espeak-ng "
+          f"utterances ({s['train'].get('steps')} steps), eval on {s['n_eval']} (same voices and noise) and "
+          f"{s.get('n_unseen', '-')} (other voices, noise)")
     print(format_results([(k, v) for k, v in res.items()]))
     print("(unconstrained = the same model decoded without the grammar. The constrained loss normalises the\n"
           " tree tokens over the allowed candidates only, so nothing ranks them against the whole vocabulary:\n"
