@@ -111,8 +111,8 @@ class DemoSettings:
 
 # The whole model is fine-tuned (encoder reading the audio's length, SpecAugment); the step count is
 # what fits the demo's time budget on a 2-core CPU (see README, "Demo").
-FULL = DemoSettings(train_limit=None, eval_limit=None, max_steps=150, batch_size=8, lr=1.5e-4, warmup_steps=15,
-                    max_new_tokens=64, max_train_minutes=12.0)
+FULL = DemoSettings(train_limit=None, eval_limit=None, max_steps=400, batch_size=8, lr=2e-4, warmup_steps=40,
+                    max_new_tokens=64, max_train_minutes=15.0)
 QUICK = DemoSettings(train_limit=12, eval_limit=6, max_steps=3, batch_size=4, lr=3e-4, warmup_steps=1,
                      max_new_tokens=24, max_train_minutes=3.0, eval_batch_size=6)
 

@@ -52,8 +52,8 @@ def test_demo_text_files_are_embedded() -> None:
 
 def test_settings_fit_the_budget() -> None:
     # the full demo trains on every embedded utterance for a bounded time; --quick is tiny
-    # ~1-1.3 s/step measured at batch 8 on 2 cores: at most ~7 minutes of training in the full demo
-    assert demo.FULL.train_limit is None and demo.FULL.batch_size == 8 and demo.FULL.max_steps <= 350
+    # the full demo trains the whole model on every embedded utterance within a bounded number of steps
+    assert demo.FULL.train_limit is None and demo.FULL.batch_size == 8 and demo.FULL.max_steps <= 450
     assert demo.QUICK.max_steps <= 5 and demo.QUICK.train_limit <= 20
 
 

@@ -55,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
         res = bench.run_bench(slu, utts, repeats=repeats, batch=4 if quick else 16, loss_full_model=not quick,
                               max_new=40 if quick else bench.BENCH_MAX_NEW)
         res.update(bench.context_bench(slu, utts, repeats=repeats, batch=4 if quick else 16))
+        if device == "cpu":
+            res.update(bench.peer_bench(slu, utts, repeats=repeats, batch=4 if quick else 16))
     except (bench.BenchError, ValueError, OSError) as e:
         print(f"conslu bench: error: {e}", file=sys.stderr)
         return 2
