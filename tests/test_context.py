@@ -206,3 +206,22 @@ def test_commands_take_the_context(tmp_path: Path) -> None:
 
     assert "audio_context" not in decode_settings(str(tmp_path), DecodingOptions())
     assert decode_settings(str(tmp_path), DecodingOptions(), None)["audio_context"] is None
+
+
+def test_compare_recipe_views_every_kth_training_row(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare", Path(__file__).resolve().parents[1] / "recipes" / "context" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    corpus = tmp_path / "c"
+    (corpus / "manifests").mkdir(parents=True)
+    (corpus / "train").mkdir()
+    (corpus / "manifests" / "train.tsv").write_text("h\n" + "".join(f"r{i}\n" for i in range(7)))
+    (corpus / "manifests" / "eval.tsv").write_text("h\ne0\n")
+    view = compare.corpus_view(corpus, tmp_path / "out", 3)
+    assert (view / "manifests" / "train.tsv").read_text().split() == ["h", "r0", "r3", "r6"]
+    assert (view / "manifests" / "eval.tsv").read_text() == "h\ne0\n"
+    assert (view / "train").resolve() == (corpus / "train").resolve()
+    cfg = compare.config(view, tmp_path / "w", None, 5)
+    assert cfg["model"]["audio_context"] is None and cfg["trainer"]["max_steps"] == 5
