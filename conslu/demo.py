@@ -86,7 +86,7 @@ SAMPLES: tuple[tuple[str, str], ...] = (
 class DemoSettings:
     """Everything that decides what the demo trains (recorded in ``<workdir>/model/training.json``)."""
 
-    train_limit: int | None      # training utterances (spread over the three domains); None: all 450
+    train_limit: int | None      # training utterances (spread over the three domains); None: all 1,500
     eval_limit: int | None       # eval utterances; None: all 90
     max_steps: int               # optimizer steps
     batch_size: int
@@ -103,9 +103,9 @@ class DemoSettings:
     freeze_encoder: bool = False  # True: decoder-only, on cached encoder outputs
     spec_augment: bool = True     # with a trained encoder only
     time_mask_param: int = 30     # SpecAugment time masks (frames, of 200-600 in a 2-6 s context)
-    noise_snr: tuple = (None, 30.0, 20.0)  # training noise levels, drawn per utterance (None: clean)
-    voices: tuple = DEFAULT_VOICES
-    unseen_voices: tuple = UNSEEN_VOICES  # the held-out condition: other voices, 20 dB noise
+    noise_snr: tuple[float | None, ...] = (None, 30.0, 20.0)  # noise levels drawn per utterance (None: clean)
+    voices: tuple[str, ...] = DEFAULT_VOICES
+    unseen_voices: tuple[str, ...] = UNSEEN_VOICES  # the held-out condition: other voices at unseen_snr
     unseen_snr: float | None = 20.0
 
 

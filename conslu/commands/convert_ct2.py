@@ -51,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"conslu: {out}: exists and is not a converted model; use --force to overwrite", file=sys.stderr)
             return 1
         t0 = time.perf_counter()
-        convert_ct2(files, out, force=args.force, source_label=label)
+        if spec is not None:  # verified against the pinned SHA-256, under the conversion lock
+            pretrained.convert_known(spec, out, force=args.force)
+        else:
+            convert_ct2(files, out, force=args.force, source_label=label)
     except (Ct2Error, pretrained.ModelNotAvailable, FileExistsError, OSError) as exc:
         print(f"conslu: {exc}", file=sys.stderr)
         return 1
