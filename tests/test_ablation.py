@@ -39,13 +39,13 @@ def test_markdown_table_has_every_variant_and_the_paper_figures() -> None:
               "machine": {"platform": "Linux", "cpu_count": 2, "torch": "2.x"}}
     md = run.format_markdown(report)
     rows = [ln for ln in md.splitlines() if ln.startswith("| (")]
-    assert len(rows) == len(run.VARIANTS) == 4
-    conslu = next(r for r in rows if r.startswith("| (1)")).split("|")
+    assert len(rows) == len(run.VARIANTS) == 6
+    conslu = next(r for r in rows if r.startswith("| (1) ")).split("|")
     assert [c.strip() for c in conslu[2:9]] == ["60.00", "50.00", "100.00", "10.00", "30", "300", "901"]
     assert conslu[9].strip() == "72.51" and conslu[10].strip() == "100.00"
     whislu = next(r for r in rows if r.startswith("| (4)")).split("|")
     assert whislu[2].strip() == "25.00" and whislu[9].strip() == "70.19" and whislu[10].strip() == "99.59"
-    assert "(not run)" in next(r for r in rows if r.startswith("| (2)"))
+    assert "(not run)" in next(r for r in rows if r.startswith("| (2) "))
     assert "71.17" in md and "1200 espeak-ng utterances" in md and "SMOKE" not in md
     assert all(r.count("|") == 11 for r in rows)
 
@@ -55,6 +55,8 @@ def test_variants_cover_the_paper_ablation() -> None:
     assert run.VARIANTS["plain_loss"][:2] == ("plain", True)
     assert run.VARIANTS["no_constraints"][:2] == ("plain", False)  # (2) and (3) share one trained model
     assert run.VARIANTS["whislu"][:2] == ("whislu", False)
+    assert [v[2] for v in run.VARIANTS.values()] == [1, 4, 1, 4, 1, 1]  # beam 4 for (1b) and (2b)
+    assert run.VARIANTS["conslu_beam4"][:2] == run.VARIANTS["conslu"][:2]
     for name, (overlay, _) in run.MODELS.items():
         assert overlay is None or overlay.is_file(), name
 

@@ -14,7 +14,8 @@ Steps (see README.md next to this file):
 4. train    - three decoder-only models through ``conslu train``'s Lightning machinery, configured
               by ``conf/ablation.yaml`` plus an overlay: ConSLU (constrained loss), plain loss
               (``conf/ablation/plain-loss.yaml``) and WhiSLU JSON target (``conf/ablation/whislu.yaml``);
-5. evaluate - four variants on the same eval split (greedy, from the cached encoder outputs):
+5. evaluate - four variants on the same eval split (greedy, from the cached encoder outputs), and
+              (1) and (2) again with beam 4:
               (1) ConSLU: simplified target, constrained loss + constrained decoding;
               (2) simplified target, plain loss, constrained decoding;
               (3) simplified target, no constraints (the model of (2), decoded freely);
@@ -57,12 +58,14 @@ MODELS: dict[str, tuple[Path | None, str]] = {
     "plain": (REPO / "conf" / "ablation" / "plain-loss.yaml", "simplified target, plain loss"),
     "whislu": (REPO / "conf" / "ablation" / "whislu.yaml", "WhiSLU JSON target, plain loss"),
 }
-# variants: name -> (trained model, constrained decoding, label)
-VARIANTS: dict[str, tuple[str, bool, str]] = {
-    "conslu": ("conslu", True, "(1) ConSLU: simplified target, constrained loss + constrained decoding"),
-    "plain_loss": ("plain", True, "(2) simplified target, plain loss, constrained decoding"),
-    "no_constraints": ("plain", False, "(3) simplified target, no constraints"),
-    "whislu": ("whislu", False, "(4) WhiSLU JSON target, no constraints"),
+# variants: name -> (trained model, constrained decoding, beam size, label)
+VARIANTS: dict[str, tuple[str, bool, int, str]] = {
+    "conslu": ("conslu", True, 1, "(1) ConSLU: simplified target, constrained loss + constrained decoding"),
+    "conslu_beam4": ("conslu", True, 4, "(1b) ConSLU, beam 4"),
+    "plain_loss": ("plain", True, 1, "(2) simplified target, plain loss, constrained decoding"),
+    "plain_loss_beam4": ("plain", True, 4, "(2b) simplified target, plain loss, constrained decoding, beam 4"),
+    "no_constraints": ("plain", False, 1, "(3) simplified target, no constraints"),
+    "whislu": ("whislu", False, 1, "(4) WhiSLU JSON target, no constraints"),
 }
 # The paper's whisper-base figures on STOP test (KSE 2024): EM and validity (percent), where reported.
 PAPER: dict[str, dict[str, float | None]] = {
@@ -126,15 +129,16 @@ def format_markdown(report: dict) -> str:
     """The README table: our CPU-scale figures per variant next to the paper's whisper-base ones."""
     cfg = report.get("config", {})
     lines = [
-        f"Whisper tiny.en, frozen encoder, decoder fine-tuned on {cfg.get('n_train', '?')} espeak-ng utterances "
-        f"({', '.join(cfg.get('domains', []))}); greedy decoding of {cfg.get('n_eval', '?')} held-out "
+        f"Whisper tiny.en, frozen encoder reading a 2 s audio context, decoder fine-tuned on {cfg.get('n_train', '?')} "
+        f"espeak-ng utterances ({', '.join(cfg.get('domains', []))}); greedy decoding (beam 4 where named) of "
+        f"{cfg.get('n_eval', '?')} held-out "
         f"utterances (TOPv2 eval text, synthetic speech). EM, EM-tree, validity and WER in percent.",
         "",
         "| variant | EM | EM-tree | validity | WER | n | train steps | train s | paper EM (base) | paper validity |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     variants = report.get("variants", {})
-    for name, (_, _, label) in VARIANTS.items():
+    for name, (_, _, _, label) in VARIANTS.items():
         v = variants.get(name)
         p = PAPER.get(name, {})
         if v is None:
@@ -273,7 +277,7 @@ def run(args: argparse.Namespace) -> dict:
     # 4-5: train what the missing variants need, evaluate, record each variant when done
     models: dict[str, Any] = {}
     train_info: dict[str, dict] = dict(report.get("training", {}))
-    for i, (name, (model_name, constrained, label)) in enumerate(VARIANTS.items(), 1):
+    for i, (name, (model_name, constrained, beam, label)) in enumerate(VARIANTS.items(), 1):
         if name in report["variants"]:
             _log(f"[3/4] {label}: done already - skipped")
             continue
@@ -305,11 +309,11 @@ def run(args: argparse.Namespace) -> dict:
         max_new = SMOKE["whislu_max_new_tokens" if slu.target_format == "whislu" else "max_new_tokens"] if smoke \
             else (128 if slu.target_format == "whislu" else 64)
         r = evaluate_cached(slu, eval_rows, cache, batch_size=16, desc=name,
-                            options=DecodingOptions(constrained=constrained, max_new_tokens=max_new))
+                            options=DecodingOptions(constrained=constrained, max_new_tokens=max_new, beam_size=beam))
         t = train_info[model_name]
         report["variants"][name] = {
             "label": label, "model": model_name, "target_format": slu.target_format,
-            "loss_constrained": bool(slu.loss_constrained), "decoding_constrained": constrained,
+            "loss_constrained": bool(slu.loss_constrained), "decoding_constrained": constrained, "beam_size": beam,
             "em": r["em"], "em_tree": r["em_tree"], "validity": r["validity"], "wer": r["wer"], "n": r["n"],
             "per_domain": r.get("per_domain", {}), "train_steps": t["steps"], "train_seconds": t["seconds"],
             "seconds_per_step": t["seconds_per_step"], "decode_seconds": r["seconds"], "machine": machine_info(),
