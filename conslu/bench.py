@@ -550,6 +550,13 @@ def plot(res: dict, path: Path) -> None:
     ax.set_title(f"{res.get('model', '')} on {res.get('device', '')}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
@@ -563,6 +570,44 @@ def plot(res: dict, path: Path) -> None:
         raise
     finally:
         plt.close(fig)
+
+
+def encoder_curve(slu: Any, *, seconds: Sequence[float] = (2, 4, 6, 10, 15, 20, 30), batch: int = 16,
+                  repeats: int = 2) -> list[dict]:
+    """Encoder time for ``batch`` log-mels of each audio length: over that length (the audio
+    context) and over Whisper's 30 s window (the same for every length), run round-robin."""
+    encoder = slu.model.get_encoder()
+    device = slu.device
+    p = next(encoder.parameters())
+    g = torch.Generator().manual_seed(0)
+    window = torch.randn(batch, slu.feature_extractor.feature_size, 3000, generator=g).to(device, p.dtype)
+    rows = []
+    with torch.inference_mode():
+        for s in seconds:
+            frames = int(round(s * 100))
+            t, _ = interleaved({"context": lambda: encode(encoder, window[:, :, :frames]),
+                                "window": lambda: encode(encoder, window)}, device, repeats)
+            rows.append({"seconds": float(s), "context_s": t["context"], "window_s": t["window"]})
+    return rows
+
+
+def plot_encoder(rows: Sequence[dict], path: Path, title: str = "") -> None:
+    """Encoder time against audio length: 30 s windows and the audio context."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
+    x = [r["seconds"] for r in rows]
+    ax.plot(x, [r["window_s"] for r in rows], "s-", label="30 s window (Whisper)")
+    ax.plot(x, [r["context_s"] for r in rows], "o-", label="audio-length context")
+    ax.set_xlabel("audio length (s)")
+    ax.set_ylabel("encoder time, batch 16 (s)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
 
 
 def table(res: dict) -> str:

@@ -29,6 +29,14 @@ def test_table_marks_targets():
     assert "ok" in text.split("speculative_speedup ")[1].splitlines()[0]
 
 
+def test_encoder_plot_writes_png(tmp_path):
+    from conslu.bench import plot_encoder
+
+    out = tmp_path / "enc.png"
+    plot_encoder([{"seconds": 2.0, "context_s": 0.1, "window_s": 1.0}, {"seconds": 30.0, "context_s": 1.0, "window_s": 1.0}], out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and [p.name for p in tmp_path.iterdir()] == ["enc.png"]
+
+
 def test_plot_writes_png(tmp_path):
     out = tmp_path / "sub" / "decode.png"
     plot(_fake(), out)
@@ -52,15 +60,18 @@ def test_bench_rejects_bad_threads():
 
 @pytest.mark.slow
 def test_bench_quick_json_has_all_keys(tmp_path):
-    png = tmp_path / "d.png"
-    r = subprocess.run([sys.executable, "-m", "conslu", "bench", "--quick", "--json", "--threads", "1", "--plot", str(png)],
-                       capture_output=True, text=True, timeout=900)
+    png, enc_png = tmp_path / "d.png", tmp_path / "e.png"
+    r = subprocess.run([sys.executable, "-m", "conslu", "bench", "--quick", "--json", "--threads", "1", "--plot", str(png),
+                        "--plot-encoder", str(enc_png)], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     for k in KEYS:
         assert k in res, k
     assert res["speculative_identical"] == 1.0
     assert 0 < res["decoder_passes_per_token"] <= 1.0
-    assert png.is_file()
+    assert png.is_file() and enc_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [r["seconds"] for r in res["encoder_curve"]] == [2, 4, 6, 10, 15, 20, 30]
+    assert res["encoder_speedup"] > 0 and res["parse_utt_per_s"] > 0
+    assert "peer" in res  # measured, or skipped with the reason
     assert res["device"] == "cpu (1 threads)"
     assert set(res["profile_ms"]) >= {"pass_ms_1", "pass_ms_9", "projection_full_ms", "projection_compact_ms"}

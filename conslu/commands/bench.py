@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_argument(p, required=False)
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", default=None, help="write a PNG of decode time against utterance length")
+    p.add_argument("--plot-encoder", default=None, metavar="PNG",
+                   help="also time the encoder at 2-30 s of audio (30 s windows and the audio context) and plot it")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is steadier on a shared machine)")
@@ -63,11 +65,16 @@ def run(args: argparse.Namespace) -> int:
     res.update({"model": args.model or "whisper-tiny.en", "trained": trained, "finetune_loss": final_loss,
                 "device": f"{device} ({torch.get_num_threads()} threads)", "quick": quick,
                 "torch": torch.__version__, "wall_seconds": time.perf_counter() - t_start})
-    if args.plot:
+    if args.plot_encoder:
+        res["encoder_curve"] = bench.encoder_curve(slu, batch=4 if quick else 16, repeats=1 if quick else 2)
+    for path, draw in ((args.plot, lambda p: bench.plot(res, p)),
+                       (args.plot_encoder, lambda p: bench.plot_encoder(res["encoder_curve"], p, res["device"]))):
+        if not path:
+            continue
         try:
-            bench.plot(res, Path(args.plot))
+            draw(Path(path))
         except (OSError, ValueError) as e:
-            print(f"conslu bench: error: cannot write plot {args.plot}: {e}", file=sys.stderr)
+            print(f"conslu bench: error: cannot write plot {path}: {e}", file=sys.stderr)
             return 2
     if args.json:
         print(json.dumps(res, indent=None if quick else 2))
