@@ -113,15 +113,16 @@ def test_smoke_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
         assert KEYS <= set(v), name
         assert v["n"] == 4 and v["train_steps"] == run.SMOKE["max_steps"]
         assert {"platform", "cpu_count", "torch"} <= set(v["machine"])
-    for name in ("conslu", "plain_loss"):
+    for name in ("conslu", "conslu_beam4", "plain_loss", "plain_loss_beam4"):
         assert report["variants"][name]["validity"] == 1.0  # constrained decoding: always a valid tree
+    assert report["variants"]["conslu_beam4"]["beam_size"] == 4 and report["variants"]["conslu"]["beam_size"] == 1
     # (2) and (3) come from one trained model
     assert report["training"].keys() == {"conslu", "plain", "whislu"}
     md = (out / "ablation.md").read_text()
-    assert md.count("| (") == 4 and "72.51" in md and "SMOKE RUN" in md
+    assert md.count("| (") == len(run.VARIANTS) == 6 and "72.51" in md and "SMOKE RUN" in md
     capsys.readouterr()
 
     # rerun: every variant is skipped, nothing retrained
     assert run.main(argv) == 0
     err = capsys.readouterr().err
-    assert err.count("done already - skipped") == 4 and "train conslu" not in err
+    assert err.count("done already - skipped") == len(run.VARIANTS) and "train conslu" not in err
