@@ -365,16 +365,16 @@ def context_bench(slu: Any, utts: Sequence[Utterance], *, repeats: int, batch: i
     over each utterance's own context (one batch per context, as ``ConSLU.parse`` runs it), log-mels
     made beforehand; ``parse_utt_per_s``: utterances per second of ``ConSLU.parse`` on the batch
     (log-mels, encoder and default decoding), with the model's context and with 30 s windows."""
-    from conslu.context import groups
+    from conslu.context import DEFAULT_BUCKET_SECONDS, groups
 
     audios = [utts[i % len(utts)].audio for i in range(batch)]
     device = slu.device
     encoder = slu.model.get_encoder()
-    bucket = slu.audio_context if slu.audio_context is not None else 2.0  # a 30 s model is compared with 2 s
-    sr = slu.sampling_rate
+    # a 30 s model is compared with the default bucket
+    bucket = slu.audio_context if slu.audio_context is not None else DEFAULT_BUCKET_SECONDS
+    durations = [len(a) / slu.sampling_rate for a in audios]
     window = slu.features(audios, WINDOW_SECONDS)
-    parts = [slu.features([audios[i] for i in idx], seconds)
-             for seconds, idx in groups([len(a) / sr for a in audios], bucket).items()]
+    parts = [slu.features([audios[i] for i in idx], seconds) for seconds, idx in groups(durations, bucket).items()]
     with torch.inference_mode():
         enc_t, _ = interleaved({"window": lambda: encode(encoder, window),
                                 "context": lambda: [encode(encoder, f) for f in parts]}, device, repeats)
@@ -389,7 +389,6 @@ def context_bench(slu: Any, utts: Sequence[Utterance], *, repeats: int, batch: i
                                  device, max(1, repeats // 2))
     finally:
         slu.audio_context = saved
-    durations = [len(a) / sr for a in audios]
     return {"encoder_speedup": enc_t["window"] / enc_t["context"],
             "parse_utt_per_s": batch / parse_t["context"], "parse_utt_per_s_window": batch / parse_t["window"],
             "context_bucket": bucket, "context_batch": batch,

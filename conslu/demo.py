@@ -345,7 +345,7 @@ def run_demo(workdir: Path, settings: DemoSettings, seed: int = 0, jobs: int | N
             (unseen, "eval", settings.eval_limit, settings.unseen_voices, settings.unseen_snr)]
     for out, split, limit, voices, noise in runs:
         res = synth_corpus([f for f in files if f.stem.endswith("_" + split)], out, jobs=jobs, limit=limit,
-                           voices=voices, noise_snr=list(noise) if isinstance(noise, tuple) else noise)
+                           voices=voices, noise_snr=noise)
         written, skipped = written + res.written, skipped + res.skipped
     train_rows = read_rows(corpus, "train")
     eval_rows = read_rows(corpus, "eval")

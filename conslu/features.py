@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conslu.audio import MAX_SECONDS, AudioError, duration, load_audio, log_mel
-from conslu.context import check_bucket, context_seconds, encode
+from conslu.context import WINDOW_SECONDS, check_bucket, context_seconds, encode
 
 __all__ = ["EncoderCache", "model_fingerprint", "audio_key", "encoder_cache", "fill_encoder_cache", "base_encoder"]
 
@@ -126,6 +126,8 @@ class EncoderCache:
         ``encode(features) -> [B, 50 * seconds, d]``. Batches never mix contexts: ``durations(path)``
         (seconds, needed with an audio context) puts each path in its own.
         """
+        if self.audio_context is not None and durations is None:
+            raise ValueError("a cache with an audio context needs each path's duration (durations=...)")
         todo: list[tuple[str, str]] = []
         seen: set[str] = set()
         for p in paths:
@@ -135,7 +137,7 @@ class EncoderCache:
                 seen.add(k)
         by_context: dict[float, list[tuple[str, str]]] = {}
         for p, k in todo:
-            seconds = context_seconds(durations(p), self.audio_context) if self.audio_context is not None else 30.0
+            seconds = context_seconds(durations(p), self.audio_context) if self.audio_context is not None else WINDOW_SECONDS
             by_context.setdefault(seconds, []).append((p, k))
         chunks = [(seconds, items[i : i + batch_size]) for seconds, items in sorted(by_context.items())
                   for i in range(0, len(items), batch_size)]
@@ -187,7 +189,7 @@ def fill_encoder_cache(cache: EncoderCache, encoder: torch.nn.Module, feature_ex
         try:
             return duration(path)
         except AudioError:
-            return 30.0  # unreadable: load_audio reports it in the batch that loads it
+            return WINDOW_SECONDS  # unreadable: load_audio reports it in the batch that loads it
 
     progress = None if desc is None else _progress_bar(desc)
 

@@ -488,7 +488,7 @@ class DecodingTask:
                     continue
                 kept = 0
                 for s, i in zip(ss, ii):
-                    if not s > float("-inf") or kept == K:  # NaN included
+                    if s == float("-inf") or kept == K:
                         break
                     r, t = b * K + i // V, i % V
                     if t == self.eos or lens[r] + 1 >= self.max_len:

@@ -75,10 +75,8 @@ class SLUCollator:
     def features(self, audios: list) -> torch.Tensor:
         """Log-mels of a batch: cut to its longest audio's context (batches do not mix contexts:
         :class:`conslu.training.sampling.BucketBatchSampler` with ``groups``), or 30 s windows."""
-        if self.audio_context is None:
-            return log_mel(audios, self.feature_extractor)
         sr = int(self.feature_extractor.sampling_rate)
-        seconds = max(context_seconds(len(a) / sr, self.audio_context) for a in audios)
+        seconds = max(context_seconds(len(a) / sr, self.audio_context) for a in audios)  # 30: the window
         return log_mel(audios, self.feature_extractor, seconds)
 
     @staticmethod

@@ -149,17 +149,15 @@ class SLUDataModule(pl.LightningDataModule):
         return keep
 
     # -- loaders -------------------------------------------------------------------------------
-    def _lengths(self, rows: list[dict]) -> list[float]:
-        if self.bucket_by == "duration":
-            return [audio_duration(r.get("audio")) for r in rows]
-        return [target_length(r) for r in rows]
-
-    def _groups(self, rows: list[dict]) -> list[float] | None:
-        """Each row's audio context (from the file headers), so batches never mix two; None
-        without one (30 s windows)."""
+    def _sampler_inputs(self, rows: list[dict]) -> tuple[list[float], list[float] | None]:
+        """The sampler's lengths (``bucket_by``) and each row's audio context, so batches never mix
+        two (None without one: 30 s windows). Each file header is read once."""
+        durations = ([audio_duration(r.get("audio")) for r in rows]
+                     if self.bucket_by == "duration" or self.audio_context is not None else [])
+        lengths = durations if self.bucket_by == "duration" else [target_length(r) for r in rows]
         if self.audio_context is None:
-            return None
-        return [context_seconds(audio_duration(r.get("audio")), self.audio_context) for r in rows]
+            return lengths, None
+        return lengths, [context_seconds(d, self.audio_context) for d in durations]
 
     def _examples(self, rows: list[dict]) -> SLUExamples:
         cache = self.encoder_cache
@@ -183,8 +181,9 @@ class SLUDataModule(pl.LightningDataModule):
         collate = self._collator(strict=True)
         self._check_rows()
         assert self.train_rows is not None
-        sampler = BucketBatchSampler(self._lengths(self.train_rows), self.batch_size, bucket_size=self.bucket_size,
-                                     shuffle=self.shuffle, seed=self.seed, groups=self._groups(self.train_rows))
+        lengths, groups = self._sampler_inputs(self.train_rows)
+        sampler = BucketBatchSampler(lengths, self.batch_size, bucket_size=self.bucket_size,
+                                     shuffle=self.shuffle, seed=self.seed, groups=groups)
         return ResumableDataLoader(
             self._examples(self.train_rows),
             batch_sampler=sampler,
@@ -198,9 +197,9 @@ class SLUDataModule(pl.LightningDataModule):
         self.setup("validate")
         assert self.val_rows is not None
         collate = self._collator(strict=False)
-        sampler = BucketBatchSampler(self._lengths(self.val_rows), self.val_batch_size,
-                                     bucket_size=max(1, len(self.val_rows)), shuffle=False,
-                                     groups=self._groups(self.val_rows))
+        lengths, groups = self._sampler_inputs(self.val_rows)
+        sampler = BucketBatchSampler(lengths, self.val_batch_size, bucket_size=max(1, len(self.val_rows)),
+                                     shuffle=False, groups=groups)
         return DataLoader(
             self._examples(self.val_rows),
             batch_sampler=sampler,
