@@ -22,7 +22,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SAMPLE_RATE", "MAX_SECONDS", "AudioError", "load_audio", "chunk_audio", "log_mel", "duration"]
+__all__ = ["SAMPLE_RATE", "MAX_SECONDS", "AudioError", "load_audio", "probe", "chunk_audio", "log_mel", "duration"]
 
 SAMPLE_RATE = 16000
 MAX_SECONDS = 30.0  # Whisper's input window
@@ -138,16 +138,11 @@ def duration(path: str | os.PathLike) -> float:
     return info.frames / info.samplerate if info.samplerate else 0.0
 
 
-def load_audio(path: str | os.PathLike, *, sr: int = SAMPLE_RATE, max_seconds: float | None = MAX_SECONDS) -> np.ndarray:
-    """The file as a 1-D float32 array at ``sr`` Hz (channels averaged).
-
-    Raises AudioError for a missing path, a directory, an unreadable, empty, truncated or
-    non-audio file, an unsupported format, zero-length audio, NaN/inf samples, or audio longer
-    than ``max_seconds`` (None: no limit; split long audio with :func:`chunk_audio`).
-    """
+def _open_checked(p: Path, max_seconds: float | None) -> tuple[str | None, Any]:
+    """The checks that need no samples: (container, soundfile info or None when libsndfile cannot
+    open it). Raises AudioError as :func:`load_audio` does."""
     import soundfile as sf
 
-    p = Path(path)
     if not p.exists():
         raise AudioError(p, "no such file")
     if p.is_dir():
@@ -168,21 +163,44 @@ def load_audio(path: str | os.PathLike, *, sr: int = SAMPLE_RATE, max_seconds: f
         raise AudioError(p, "not audio (looks like a text file)")
     if kind == "wav":
         _check_riff(p, size)
-
-    native_sr: int
     try:
         info = sf.info(str(p))
     except Exception as e:  # libsndfile cannot open it: another container or not audio at all
-        msg = str(e)
         if kind in ("wav", "flac", "ogg", "aiff"):
-            raise AudioError(p, f"corrupt {kind} file ({msg.split(': ', 1)[-1]})") from e
+            raise AudioError(p, f"corrupt {kind} file ({str(e).split(': ', 1)[-1]})") from e
+        return kind, None
+    if info.frames == 0:
+        raise AudioError(p, "no audio samples (zero length)")
+    if max_seconds is not None and info.samplerate and info.frames / info.samplerate > max_seconds + 1e-3:
+        raise AudioError(p, _too_long(info.frames / info.samplerate, max_seconds))
+    return kind, info
+
+
+def probe(path: str | os.PathLike, *, max_seconds: float | None = MAX_SECONDS) -> float:
+    """Seconds of a usable audio file, checked as :func:`load_audio` checks it but without reading
+    the samples (formats libsndfile cannot open are decoded). Raises AudioError."""
+    p = Path(path)
+    kind, info = _open_checked(p, max_seconds)
+    if info is not None:
+        return info.frames / info.samplerate
+    return len(load_audio(p, sr=SAMPLE_RATE, max_seconds=max_seconds)) / SAMPLE_RATE
+
+
+def load_audio(path: str | os.PathLike, *, sr: int = SAMPLE_RATE, max_seconds: float | None = MAX_SECONDS) -> np.ndarray:
+    """The file as a 1-D float32 array at ``sr`` Hz (channels averaged).
+
+    Raises AudioError for a missing path, a directory, an unreadable, empty, truncated or
+    non-audio file, an unsupported format, zero-length audio, NaN/inf samples, or audio longer
+    than ``max_seconds`` (None: no limit; split long audio with :func:`chunk_audio`).
+    """
+    import soundfile as sf
+
+    p = Path(path)
+    kind, info = _open_checked(p, max_seconds)
+    native_sr: int
+    if info is None:
         x, native_sr = _decode_audioread(p) if kind is not None else _unknown(p)
     else:
-        native_sr = int(info.samplerate)
-        if info.frames == 0:
-            raise AudioError(p, "no audio samples (zero length)")
-        if max_seconds is not None and native_sr and info.frames / native_sr > max_seconds + 1e-3:
-            raise AudioError(p, _too_long(info.frames / native_sr, max_seconds))
         try:
             x, native_sr = sf.read(str(p), dtype="float32", always_2d=True)
         except Exception as e:

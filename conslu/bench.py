@@ -549,10 +549,10 @@ def plot(res: dict, path: Path) -> None:
     ax.set_title(f"{res.get('model', '')} on {res.get('device', '')}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_png(fig, path)
 
 
-def _save(fig: Any, path: Path) -> None:
+def save_png(fig: Any, path: Path) -> None:
     """Write a matplotlib figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt
 
@@ -606,7 +606,7 @@ def plot_encoder(rows: Sequence[dict], path: Path, title: str = "") -> None:
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def table(res: dict) -> str:

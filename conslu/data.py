@@ -28,7 +28,7 @@ from conslu.normalize import is_subsequence, normalize_example
 __all__ = [
     "COLUMNS", "STOP_COLUMNS", "TOPV2_COLUMNS", "SPLITS", "DataError",
     "read_topv2", "read_stop", "read_any", "stop_row", "write_manifest", "topv2_split",
-    "stop_manifests",
+    "stop_manifests", "open_table", "EMPTY_REFERENCES",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,14 @@ class DataError(ValueError):
 class _Collector:
     """Collects rows, enforcing unique ids, limits per split, and the skip_bad policy."""
 
-    def __init__(self, limit: Optional[int], skip_bad: bool, skipped: Optional[list[str]]) -> None:
+    def __init__(self, limit: Optional[int], skip_bad: bool, skipped: Optional[list[str]],
+                 notes: Optional[list[str]] = None) -> None:
         self.columns: dict[str, list[Any]] = {c: [] for c in COLUMNS}
+        #: ids of rows skipped for an empty (or ``nan``) reference tree, per manifest
+        self.empty: dict[str, list[str]] = {}
+        #: recording part folders (``eval_1``) that rows name but the release lacks: rows per part
+        self.missing_parts: dict[str, int] = {}
+        self.notes = notes
         self.seen: dict[str, str] = {}
         self.per_split: dict[str, int] = {}
         self.limit = limit
@@ -93,6 +99,24 @@ class _Collector:
             self.columns[c].append(row.get(c))
         self.per_split[row["split"]] = self.per_split.get(row["split"], 0) + 1
 
+    def note(self, message: str) -> None:
+        """Something left out that is not an error (``notes`` of the reader, else a log warning)."""
+        if self.notes is not None:
+            self.notes.append(message)
+        else:
+            log.warning("%s", message)
+
+    def finish(self) -> None:
+        """Report the empty references and missing recording parts of the manifests read."""
+        for manifest, ids in self.empty.items():
+            more = ", ..." if len(ids) > 3 else ""
+            self.note(f"{manifest}: {len(ids)} row(s) with an empty reference skipped (not scored, not trained on; "
+                      f"first: {', '.join(ids[:3])}{more})")
+        self.empty = {}
+        for part, n in self.missing_parts.items():
+            self.note(f"{part}: recording part folder not found ({n} row(s) refer to it)")
+        self.missing_parts = {}
+
     def dataset(self) -> "Any":
         import datasets
 
@@ -119,7 +143,7 @@ def _header(path: Path, rows: Iterator[tuple[int, list[str]]]) -> list[str]:
     return [h.strip() for h in header]
 
 
-def _open_table(path: Path, need: Sequence[str]) -> tuple[Iterator[tuple[int, list[str]]], list[str]]:
+def open_table(path: Path, need: Sequence[str]) -> tuple[Iterator[tuple[int, list[str]]], list[str]]:
     """(rows after the header, header) of a TSV whose header has every column in ``need``."""
     rows = _open_tsv(path)
     header = _header(path, rows)
@@ -166,7 +190,7 @@ def _read_topv2_file(path: Path, col: _Collector, splits: Optional[set[str]],
     split = topv2_split(path)
     if splits is not None and split not in splits:
         return
-    rows, header = _open_table(path, TOPV2_COLUMNS)
+    rows, header = open_table(path, TOPV2_COLUMNS)
     idx = {c: header.index(c) for c in TOPV2_COLUMNS}
     for lineno, where, fields, domain in col.rows(path, rows, header, split, domains, idx["domain"]):
         try:
@@ -231,6 +255,19 @@ def _audio_candidates(root: Path, file_id: str, split: str) -> list[Path]:
     return out
 
 
+EMPTY_REFERENCES = ("", "nan")   # what real releases hold where a row has no decoupled tree
+
+
+def _part_folder(root: Path, file_id: str, known: dict[str, bool]) -> Optional[Path]:
+    """The recording part folder (``root/eval_1``) of a file_id when it does not exist, else None."""
+    head = file_id.replace("\\", "/").split("/", 1)[0]
+    if "/" not in file_id.replace("\\", "/"):
+        return None
+    if head not in known:
+        known[head] = (root / head).is_dir()
+    return None if known[head] else root / head
+
+
 def _read_stop_manifest(manifest: Path, split: str, root: Path, col: _Collector,
                         domains: Optional[set[str]], check_audio: bool) -> None:
     rows = _open_tsv(manifest)
@@ -243,11 +280,24 @@ def _read_stop_manifest(manifest: Path, split: str, root: Path, col: _Collector,
         raise DataError(f"{manifest}:1: missing column(s) {', '.join(missing)} in the header "
                         f"(got {', '.join(header)})")
     idx = {c: i for i, c in enumerate(header)}
+    ref_column = "seqlogical" if computed else "decoupled_normalized_seqlogical"
+    parts: dict[str, bool] = {}
     for lineno, where, fields, domain in col.rows(manifest, rows, header, split, domains, idx["domain"]):
         file_id = fields[idx["file_id"]].strip()
         if not file_id:
             col.bad(f"{where}: empty file_id")
             continue
+        if fields[idx[ref_column]].strip().lower() in EMPTY_REFERENCES:
+            col.empty.setdefault(str(manifest), []).append(file_id)
+            continue
+        missing_part = _part_folder(root, file_id, parts)
+        if missing_part is not None:
+            if check_audio and not col.skip_bad:
+                raise DataError(f"{missing_part}: recording part folder not found ({where} and every other row of "
+                                f"part {missing_part.name!r} refer to it); is the release fully extracted?")
+            col.missing_parts[str(missing_part)] = col.missing_parts.get(str(missing_part), 0) + 1
+            if check_audio:
+                continue
         try:
             if computed:
                 ex = normalize_example(fields[idx["utterance"]], fields[idx["seqlogical"]])
@@ -281,8 +331,15 @@ def _read_stop_manifest(manifest: Path, split: str, root: Path, col: _Collector,
 def read_stop(root_or_manifest: PathLike, split: Optional[Union[str, Sequence[str]]] = None, *,
               domains: Optional[Iterable[str]] = None, limit: Optional[int] = None,
               skip_bad: bool = False, check_audio: bool = True,
-              skipped: Optional[list[str]] = None) -> "Any":
+              skipped: Optional[list[str]] = None, notes: Optional[list[str]] = None) -> "Any":
     """Read a STOP release (official or synthetic): a root folder, or one manifest file.
+
+    Every recording is a row: eval and test have two parts (``eval_0``, ``eval_1``), each read
+    with the folder quirk. Rows whose reference tree is empty or ``nan`` (real releases have some)
+    are skipped and reported on ``notes`` (count and first ids; a log warning without ``notes``).
+    A part folder the rows name but the release lacks stops the read (``check_audio``; with
+    ``skip_bad`` its rows are skipped and reported on ``notes``; without ``check_audio`` the rows
+    are kept and the part is reported).
 
     ``split``: for a folder, the split(s) to read (default: every manifest present); for a
     manifest file, the split name (default: the file's stem, e.g. ``eval``). Audio paths are
@@ -292,7 +349,7 @@ def read_stop(root_or_manifest: PathLike, split: Optional[Union[str, Sequence[st
     and seqlogical are normalised here.
     """
     path = Path(root_or_manifest)
-    col = _Collector(limit, skip_bad, skipped)
+    col = _Collector(limit, skip_bad, skipped, notes)
     if path.is_dir():
         pairs = stop_manifests(path, split)
         root = path
@@ -306,6 +363,7 @@ def read_stop(root_or_manifest: PathLike, split: Optional[Union[str, Sequence[st
     doms = _norm_filter(domains)
     for manifest, s in pairs:
         _read_stop_manifest(manifest, s, root, col, doms, check_audio)
+    col.finish()
     return col.dataset()
 
 
@@ -328,7 +386,7 @@ def _kind(path: Path) -> str:
 def read_any(paths: Sequence[PathLike] | PathLike, *, splits: Optional[Iterable[str]] = None,
              domains: Optional[Iterable[str]] = None, limit: Optional[int] = None,
              skip_bad: bool = False, check_audio: bool = True,
-             skipped: Optional[list[str]] = None) -> "Any":
+             skipped: Optional[list[str]] = None, notes: Optional[list[str]] = None) -> "Any":
     """Read any mix of STOP root folders, STOP manifests and TOPv2 files (by content).
 
     ``limit`` applies per split and per source; ids must be unique over all sources.
@@ -349,12 +407,12 @@ def read_any(paths: Sequence[PathLike] | PathLike, *, splits: Optional[Iterable[
                 wanted = [s for s in wanted if s in split_set]
             if wanted:
                 parts.append(read_stop(path, wanted, domains=domains, limit=limit, skip_bad=skip_bad,
-                                       check_audio=check_audio, skipped=skipped))
+                                       check_audio=check_audio, skipped=skipped, notes=notes))
         else:
             s = path.stem.lower()
             if split_set is None or s in split_set:
                 parts.append(read_stop(path, domains=domains, limit=limit, skip_bad=skip_bad,
-                                       check_audio=check_audio, skipped=skipped))
+                                       check_audio=check_audio, skipped=skipped, notes=notes))
     if not parts:
         return _Collector(None, skip_bad, skipped).dataset()
     out = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]

@@ -186,13 +186,15 @@ class FitResult:
     module: Any = field(repr=False, default=None)
 
 
-def fit(args: list[str] | dict, *, seed: int = 0, ckpt_path: str | None = None) -> FitResult:
+def fit(args: list[str] | dict, *, seed: int = 0, ckpt_path: str | None = None,
+        callbacks: Sequence[Any] = ()) -> FitResult:
     """Train through :func:`conslu.training.make_cli` (the LightningCLI of ``conslu train``) with
     ``args`` (a list of command-line arguments such as ``["--config", "conf/ablation.yaml", ...]``
-    or a config dict), then ``trainer.fit``. ``ckpt_path``: resume from this checkpoint."""
+    or a config dict), then ``trainer.fit``. ``ckpt_path``: resume from this checkpoint.
+    ``callbacks``: more Lightning callbacks (after the step timer, so they are not timed)."""
     timer = StepTimer()
     try:
-        cli = make_cli(args, seed=seed, callbacks=[timer])
+        cli = make_cli(args, seed=seed, callbacks=[timer, *callbacks])
     except SystemExit as e:  # jsonargparse reports bad settings and exits
         raise ValueError(f"invalid training settings (exit status {e.code}; see the message above)") from None
     t0 = time.perf_counter()

@@ -45,16 +45,24 @@ def resolve_audio(path: str | None) -> str | None:
 
 
 def read_split(data: str, split: str, *, domains: list[str] | None = None, limit: int | None = None,
-               skip_bad: bool = False, warn: Callable[[str], None] = lambda msg: None) -> list[dict]:
-    """The rows of one split (:func:`conslu.data.read_stop`), audio paths resolved. A missing audio
-    file is not an error here (that utterance fails alone, scored as wrong). With ``skip_bad``
-    bad manifest rows are left out and reported on ``warn``. Raises ValueError (``DataError``) for
-    unusable data, including an id that occurs twice."""
+               skip_bad: bool = False, warn: Callable[[str], None] = lambda msg: None,
+               notes: list[str] | None = None) -> list[dict]:
+    """The rows of one split (:func:`conslu.data.read_stop`: every recording, both parts), audio
+    paths resolved. A missing audio file is not an error here (that utterance fails alone, scored
+    as wrong; a missing part folder is said once). Rows with an empty reference are skipped and
+    said on ``warn`` (and appended to ``notes``). With ``skip_bad`` bad manifest rows are left out
+    and reported on ``warn``. Raises ValueError (``DataError``) for unusable data, including an id
+    that occurs twice."""
     from conslu.data import read_stop
 
     skipped: list[str] = []
+    said: list[str] = []
     ds = read_stop(data, split, domains=domains or None, limit=limit, skip_bad=skip_bad, check_audio=False,
-                   skipped=skipped)
+                   skipped=skipped, notes=said)
+    for msg in said:
+        warn(f"conslu: {msg}")
+    if notes is not None:
+        notes.extend(said)
     for msg in skipped:  # --skip-bad: say what was left out (not scored)
         warn(f"conslu: skipped {msg}")
     if skipped:

@@ -17,7 +17,13 @@ Definitions (per reference; a hypothesis is matched to its reference by ``id``):
 
 A reference without a hypothesis counts as wrong (EM 0, EM-tree 0, invalid, empty transcript) and is
 reported under ``missing``; hypotheses whose id is not among the references are reported under
-``ignored``. A reference without ``domain`` is grouped under ``"unknown"`` in ``per_domain``.
+``ignored``. A reference without ``domain`` is grouped under ``"unknown"`` in ``per_domain``. A
+reference whose logical form is empty (or ``nan``; real STOP releases have such rows) cannot be
+scored: it is left out and reported under ``empty_references``.
+
+EM and EM-tree agree with the fairseq STOP scorer (``fairseq/tasks/nlu_finetuning.py``: equality of
+the decoupled trees' strings, and of their bracket/label token lists) on lower-cased trees;
+``tests/test_metrics.py`` checks it on a fixture.
 """
 
 from __future__ import annotations
@@ -63,6 +69,11 @@ def _wer(errors: int, n_words: int) -> float:
 
 def _lf(value: Any) -> str:
     return value if isinstance(value, str) else ""
+
+
+def is_empty_reference(value: Any) -> bool:
+    """An empty (or ``nan``) reference tree, which cannot be scored."""
+    return _lf(value).strip().lower() in ("", "nan")
 
 
 def _summary(rows: list[dict]) -> dict:
@@ -124,6 +135,11 @@ def score(refs: list[dict], hyps: list[dict], grammar: Grammar | None = None) ->
         raise ScoreError("no references to score")
     rows: list[dict] = []
     missing: list[str] = []
+    empty = [key for key, ref in ref_by_id.items() if is_empty_reference(ref.get("logical_form"))]
+    for key in empty:
+        del ref_by_id[key]
+    if not ref_by_id:
+        raise ScoreError(f"no references to score ({len(empty)} with an empty logical form)")
     for key, ref in ref_by_id.items():
         ref_lf = _lf(ref.get("logical_form"))
         try:
@@ -146,7 +162,8 @@ def score(refs: list[dict], hyps: list[dict], grammar: Grammar | None = None) ->
     for row in rows:
         by_domain[row["domain"]].append(row)
     result["per_domain"] = {d: _summary(rs) for d, rs in sorted(by_domain.items())}
-    ignored = [k for k in hyp_by_id if k not in ref_by_id]
+    ignored = [k for k in hyp_by_id if k not in ref_by_id and k not in empty]
+    result["empty_references"] = {"count": len(empty), "ids": empty[:FIRST_IDS]}
     result["missing"] = {"count": len(missing), "ids": missing[:FIRST_IDS]}
     result["ignored"] = {"count": len(ignored), "ids": ignored[:FIRST_IDS]}
     return result
@@ -174,7 +191,7 @@ def read_jsonl(path: str | Path, *, reference: bool) -> list[dict]:
                 raise ScoreError(f"{path}:{lineno}: reference needs a string \"{key}\"")
             if not reference and value is not None and not isinstance(value, str):
                 raise ScoreError(f"{path}:{lineno}: \"{key}\" must be a string or null")
-        if reference:
+        if reference and not is_empty_reference(item["logical_form"]):
             try:
                 parse_tree(item["logical_form"])
             except MalformedTreeError as e:

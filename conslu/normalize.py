@@ -41,10 +41,12 @@ normalised on its own and the example records whether the two still agree.
 
 from __future__ import annotations
 
+import contextvars
 import re
 from bisect import bisect_right
+from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 from conslu.logical_form import Tree, decouple, parse_tree, words as tree_words
 
@@ -57,7 +59,31 @@ __all__ = [
     "ordinal",
     "year_words",
     "is_subsequence",
+    "digit_string",
+    "rule_counts",
 ]
+
+# rule firing counts of the running rule_counts() call (None: not counting)
+_FIRED: "contextvars.ContextVar[Optional[Counter[str]]]" = contextvars.ContextVar("conslu_rules", default=None)
+
+
+def _fire(rule: str) -> None:
+    counts = _FIRED.get()
+    if counts is not None:
+        counts[rule] += 1
+
+
+def rule_counts(texts: Iterable[str]) -> "Counter[str]":
+    """How often each rule fires over ``texts`` (one count per rewritten item; plain words are
+    not counted). ``conslu normalize --report`` prints this over TOPv2 files."""
+    counts: Counter[str] = Counter()
+    token = _FIRED.set(counts)
+    try:
+        for text in texts:
+            normalize_spans(text)
+    finally:
+        _FIRED.reset(token)
+    return counts
 
 # ----------------------------------------------------------------------------------- numbers
 _ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
@@ -116,8 +142,17 @@ def ordinal(n: int) -> str:
 
 
 def year_words(n: int) -> str:
-    """Four-digit numbers read as years: 2019 twenty nineteen, 1905 nineteen oh five,
-    2005 two thousand five, 2000 two thousand, 1900 nineteen hundred."""
+    """Four-digit numbers read as years, the way STOP writes them: 2000-2099 as numbers (2018
+    two thousand eighteen), other centuries in pairs (1999 nineteen ninety nine, 1905 nineteen oh
+    five, 1900 nineteen hundred)."""
+    if 2000 <= n <= 2099:
+        _fire("year_two_thousand")
+        return cardinal(n)
+    return _year_pairs(n)
+
+
+def _year_pairs(n: int) -> str:
+    """2019 twenty nineteen (decades: the 2010s, twenty tens)."""
     if not 1000 <= n <= 9999:
         return cardinal(n)
     hi, lo = divmod(n, 100)
@@ -131,17 +166,22 @@ def year_words(n: int) -> str:
 
 
 def _digits(s: str) -> str:
+    """Digits after a decimal point: 2.05 two point zero five."""
     return " ".join(_DIGIT_WORDS[int(d)] for d in s)
+
+
+def digit_string(s: str) -> str:
+    """A digit string read digit by digit, zero as "oh": 0900 oh nine oh oh, 607 six oh seven."""
+    _fire("digit_string")
+    return " ".join("oh" if d == "0" else _DIGIT_WORDS[int(d)] for d in s if d.isdigit())
 
 
 def _integer(s: str) -> str:
     """An integer written without separators, read the way it is usually spoken."""
-    if len(s) > 1 and s[0] == "0":
-        if len(s) == 4 and int(s[2:]) < 60:            # 0830 -> oh eight thirty
-            return "oh " + _ONES[int(s[1])] + " " + _minutes(int(s[2:]), "o'clock")
-        return _digits(s)
+    if len(s) > 1 and s[0] == "0":                      # 0900 oh nine oh oh
+        return digit_string(s)
     if len(s) >= 5 and not s.endswith("000"):           # zip codes, ids (but 10000 is a number)
-        return _digits(s)
+        return digit_string(s)
     n = int(s)
     if len(s) == 4:
         return year_words(n)
@@ -168,9 +208,11 @@ def _minutes(m: int, zero: str) -> str:
 def _time(h: int, m: int, ampm: bool) -> str:
     hour = cardinal(h if h or not ampm else 12)
     if m == 0:
-        if ampm:
+        if ampm or 1 <= h <= 12:                        # 7:00 seven (o'clock only where written)
+            if not ampm:
+                _fire("time_on_the_hour")
             return hour
-        return hour + (" hundred" if h > 12 or h == 0 else " o'clock")
+        return hour + " hundred"                        # 17:00 seventeen hundred
     return hour + " " + _minutes(m, "")
 
 
@@ -179,12 +221,33 @@ _MONTHS = ["january", "february", "march", "april", "may", "june", "july", "augu
 _MONTH_ABBR = {m[:3]: m for m in _MONTHS}
 _MONTH_ABBR["sept"] = "september"
 _FRACTIONS = {2: ("half", "halves"), 3: ("third", "thirds"), 4: ("quarter", "quarters")}
-_UNIT_WORDS = {"min": "minute", "mins": "minutes", "hr": "hour", "hrs": "hours", "sec": "second",
-               "secs": "seconds"}
+# after a number ("mins" stays "mins" in STOP)
+_UNIT_WORDS = {"hr": "hour", "hrs": "hours", "sec": "second", "secs": "seconds", "oz": "ounces"}
 _ABBREVIATIONS = {"dr": "doctor", "mr": "mister", "mrs": "missus", "ave": "avenue",
                   "blvd": "boulevard", "hwy": "highway", "mt": "mount", "ft": "fort",
                   "jr": "junior", "sr": "senior", "vs": "versus", "apt": "apartment",
-                  "etc": "etcetera"}
+                  "etc": "etcetera", "rd": "road", "sept": "september"}
+# spelled out with or without a full stop (other abbreviations need the stop: "dr" may be "drive")
+_BARE_ABBREVIATIONS = {"rd": "road", "blvd": "boulevard", "hwy": "highway", "sept": "september",
+                       "ave": "avenue", "st": None}
+_INFORMAL = {"tonite": "tonight", "nite": "night", "2nite": "tonight"}
+_STATES = {"AL": "alabama", "AK": "alaska", "AZ": "arizona", "AR": "arkansas", "CA": "california",
+           "CO": "colorado", "CT": "connecticut", "DE": "delaware", "FL": "florida", "GA": "georgia",
+           "HI": "hawaii", "ID": "idaho", "IL": "illinois", "IN": "indiana", "IA": "iowa", "KS": "kansas",
+           "KY": "kentucky", "LA": "louisiana", "ME": "maine", "MD": "maryland", "MA": "massachusetts",
+           "MI": "michigan", "MN": "minnesota", "MS": "mississippi", "MO": "missouri", "MT": "montana",
+           "NE": "nebraska", "NV": "nevada", "NH": "new hampshire", "NJ": "new jersey", "NM": "new mexico",
+           "NY": "new york", "NC": "north carolina", "ND": "north dakota", "OH": "ohio", "OK": "oklahoma",
+           "OR": "oregon", "PA": "pennsylvania", "RI": "rhode island", "SC": "south carolina",
+           "SD": "south dakota", "TN": "tennessee", "TX": "texas", "UT": "utah", "VT": "vermont",
+           "VA": "virginia", "WA": "washington", "WV": "west virginia", "WI": "wisconsin", "WY": "wyoming"}
+# codes that are also English words (or a city): spelled out as a state only after "City," or "City"
+_STATE_WORDS = {"IN", "ME", "OR", "OK", "HI", "OH", "DE", "ID", "AL", "MS", "MT", "NE", "AR", "LA"}
+_CITIES = {"LA": "los angeles", "NY": "new york", "NYC": "new york city"}
+# words after which a number is a road, a route or a code, read digit by digit
+_CODE_BEFORE = {"highway", "hwy", "route", "rte", "interstate", "i", "us", "sr", "exit", "freeway", "code",
+                "room", "suite", "flight", "gate", "apartment", "apt", "unit", "extension", "ext"}
+_CODE_AFTER = {"freeway", "fwy", "highway", "expressway", "interstate", "turnpike"}
 _SYMBOLS = {"&": "and", "+": "plus", "@": "at", "%": "percent", "=": "equals", "°": "degrees"}
 
 # --------------------------------------------------------------------------------- scanning
@@ -237,7 +300,7 @@ def _h_ordinal(m: "re.Match[str]", text: str) -> Optional[list[Span]]:
 
 def _h_decade(m: "re.Match[str]", text: str) -> Optional[list[Span]]:
     d = m.group("n")
-    base = year_words(int(d)) if len(d) == 4 else cardinal(int(d))
+    base = _year_pairs(int(d)) if len(d) == 4 else cardinal(int(d))
     parts = base.split()
     parts[-1] = parts[-1][:-1] + "ies" if parts[-1].endswith("y") else parts[-1] + "s"
     return [(" ".join(parts), m.start(), m.end())]
@@ -254,6 +317,8 @@ def _date(month: int, day: int, year: Optional[str]) -> str:
 def _h_slash(m: "re.Match[str]", text: str) -> Optional[list[Span]]:
     a, b, y = int(m.group("a")), int(m.group("b")), m.group("y")
     whole = m.start(), m.end()
+    if y is None and (a, b) == (24, 7):
+        return None                                      # "24/7": twenty four slash seven
     if y is None and 0 < a < b and b in _FRACTIONS:
         frac = _FRACTIONS[b][0 if a == 1 else 1]
         return [(cardinal(a) + " " + frac, *whole)]
@@ -296,8 +361,22 @@ def _h_decimal(m: "re.Match[str]", text: str) -> Optional[list[Span]]:
     return [(_decimal(m.group("w"), m.group("f")), m.start(), m.end())]
 
 
+_PREV_WORD = re.compile(r"([^\W\d_]+)[\s#-]*$")
+_NEXT_WORD = re.compile(r"[\s-]*([^\W\d_]+)")
+
+
 def _h_integer(m: "re.Match[str]", text: str) -> Optional[list[Span]]:
-    return [(_integer(m.group()), m.start(), m.end())]
+    s = m.group()
+    if len(s) == 3:                                     # the 101 freeway, route 280, room 607
+        prev = _PREV_WORD.search(text, 0, m.start())
+        nxt = _NEXT_WORD.match(text, m.end())
+        if (prev and prev.group(1).lower() in _CODE_BEFORE) or (nxt and nxt.group(1).lower() in _CODE_AFTER):
+            return [(digit_string(s), m.start(), m.end())]
+    return [(_integer(s), m.start(), m.end())]
+
+
+def _h_phone(m: "re.Match[str]", text: str) -> Optional[list[Span]]:
+    return [(digit_string(m.group()), m.start(), m.end())]
 
 
 _CURRENCY = {"$": ("dollar", "dollars", "cent", "cents"), "£": ("pound", "pounds", "penny", "pence"),
@@ -334,14 +413,23 @@ def _h_initialism(m: "re.Match[str]", text: str) -> Optional[list[Span]]:
     return [(" ".join(letters), m.start(), m.end())]
 
 
+def _street_or_saint(text: str, end: int) -> str:
+    nxt = re.match(r"[\s.]*([^\W\d_])", text[end:])
+    return "saint" if nxt and nxt.group(1).isupper() else "street"
+
+
 def _h_abbrev(m: "re.Match[str]", text: str) -> Optional[list[Span]]:
     word = m.group("w").lower()
-    if word == "st":
-        nxt = re.match(r"\s*([^\W\d_])", text[m.end():])
-        full = "saint" if nxt and nxt.group(1).isupper() else "street"
-    else:
-        full = _ABBREVIATIONS[word]
+    full = _street_or_saint(text, m.end()) if word == "st" else _ABBREVIATIONS[word]
     return [(full, m.start(), m.end())]
+
+
+def _h_letters_digits(m: "re.Match[str]", text: str) -> Optional[list[Span]]:
+    """Names of letters and a number, joined: U2 utwo, PS4 psfour (not I95: a road)."""
+    letters = m.group("l")
+    if letters.lower() == "i" or (m.start() and text[m.start() - 1].isalnum()):
+        return None
+    return [(letters.lower() + cardinal(int(m.group("d"))).replace(" ", ""), m.start(), m.end())]
 
 
 def _h_month_day(m: "re.Match[str]", text: str) -> Optional[list[Span]]:
@@ -365,16 +453,63 @@ def _word(w: str) -> str:
     return re.sub(r"['’‘`]|â€™", "'", w).lower()
 
 
+def _mostly_upper(text: str) -> bool:
+    letters = [c for c in text if c.isalpha()]
+    return len(letters) > 3 and sum(c.isupper() for c in letters) > 0.6 * len(letters)
+
+
+_PLACE_PREPOSITIONS = {"in", "to", "from", "near", "of", "at", "around", "outside", "into", "for"}
+
+
+def _place(raw: str, text: str, start: int) -> Optional[str]:
+    """A US state or city code (``Miami, FL``, ``Austin TX``, ``in LA``) spelled out, else None."""
+    if raw not in _STATES and raw not in _CITIES:
+        return None
+    prev = re.search(r"([^\W\d_]+)(\s*,)?\s*$", text[:start])
+    if prev and prev.group(2):                          # "Naples, FL"
+        return _STATES.get(raw) or _CITIES[raw]
+    if _mostly_upper(text):
+        return None
+    first = prev is not None and not text[:prev.start()].strip()
+    if prev and prev.group(1)[0].isupper() and not first and raw in _STATES:   # "Austin TX"
+        return _STATES[raw]
+    if raw in _CITIES:
+        return _CITIES[raw]
+    if raw not in _STATE_WORDS or (prev and prev.group(1).lower() in _PLACE_PREPOSITIONS):
+        return _STATES[raw]
+    return None
+
+
 def _h_word(m: "re.Match[str]", text: str) -> Optional[list[Span]]:
-    w = _word(m.group())
-    if w in _UNIT_WORDS and re.search(r"\d\s?$", text[: m.start()]):
+    raw = m.group()
+    w = _word(raw)
+    start, end = m.start(), m.end()
+    if w in _UNIT_WORDS and re.search(r"\d\s?$", text[:start]):
+        _fire("unit")
         w = _UNIT_WORDS[w]
-        number = re.search(r"(\d+)\s?$", text[: m.start()])
+        number = re.search(r"(\d+)\s?$", text[:start])
         if w.endswith("s") and number and int(number.group(1)) == 1:
             w = w[:-1]
         elif not w.endswith("s") and number and int(number.group(1)) != 1:
             w += "s"
-    return [(w, m.start(), m.end())]
+        return [(w, start, end)]
+    if w in _INFORMAL:
+        _fire("informal_spelling")
+        return [(_INFORMAL[w], start, end)]
+    if w in _BARE_ABBREVIATIONS and not raw.isupper():
+        _fire("abbreviation")
+        full = _BARE_ABBREVIATIONS[w] or _street_or_saint(text, end)
+        return [(full, start, end)]
+    clitic: list[Span] = []
+    if len(w) > 2 and w.endswith("'s"):                 # TOP-style clitic: she's -> she 's
+        _fire("clitic_s")
+        apos = end - 1 - (3 if raw[:-1].endswith("â€™") else 1)
+        raw, w, end, clitic = raw[: apos - start], w[:-2], apos, [("'s", apos, m.end())]
+    place = _place(raw, text, start) if raw.isupper() and len(raw) <= 3 else None
+    if place is not None:
+        _fire("city_code" if raw in _CITIES and place == _CITIES[raw] else "state_code")
+        w = place
+    return [(w, start, end)] + clitic
 
 
 def _h_hash(m: "re.Match[str]", text: str) -> Optional[list[Span]]:
@@ -389,8 +524,17 @@ def _h_symbol(m: "re.Match[str]", text: str) -> Optional[list[Span]]:
     return [(_SYMBOLS[m.group()], m.start(), m.end())]
 
 
+def _h_slash_word(m: "re.Match[str]", text: str) -> Optional[list[Span]]:
+    """``/`` between two words or numbers (``high/low``, ``24/7``): slash; elsewhere dropped."""
+    i = m.start()
+    if 0 < i < len(text) - 1 and text[i - 1].isalnum() and text[i + 1].isalnum():
+        return [("slash", i, m.end())]
+    return None
+
+
 _I = re.IGNORECASE
 _DIGIT_RULES: list[tuple["re.Pattern[str]", _Handler]] = [
+    (re.compile(r"(?:\d{3}[-.])?\d{3}-\d{4}(?!\d)"), _h_phone),
     (re.compile(r"(?P<h>\d{1,2})(?P<sep>[:;.])(?P<m>\d{2})(?!\d|[.,]\d)"
                 r"(?:\s?" + _AP + r"|(?P<ap1>[ap])\b)?", _I), _h_time),
     (re.compile(r"(?P<d>\d{1,4})(?:\s?" + _AP + r"|(?P<ap1>[ap])\b)", _I), _h_hour_ampm),
@@ -410,7 +554,8 @@ _MONTH_NAMES = "|".join(sorted(set(_MONTHS) | set(_MONTH_ABBR), key=len, reverse
 _LETTER_RULES: list[tuple["re.Pattern[str]", _Handler]] = [
     (re.compile(r"(?P<ap>[ap])\.\s?m\b\.?", _I), _h_ampm_abbr),
     (re.compile(r"[^\W\d_](?:\.[^\W\d_])+\.?(?![^\W\d_])"), _h_initialism),
-    (re.compile(r"(?P<w>st|dr|mr|mrs|ave|blvd|hwy|mt|ft|jr|sr|vs|apt|etc)\.", _I), _h_abbrev),
+    (re.compile(r"(?P<w>st|dr|mr|mrs|ave|blvd|hwy|mt|ft|jr|sr|vs|apt|etc|rd|sept)\.", _I), _h_abbrev),
+    (re.compile(r"(?P<l>[^\W\d_]{1,3})(?P<d>\d{1,2})(?![\w'’])"), _h_letters_digits),
     (re.compile(r"(?P<mon>" + _MONTH_NAMES + r")\.?\s?(?P<d>\d{1,2})"
                 r"(?:\s?(?P<dash>[-–])\s?(?P<d2>\d{1,2}))?(?![\d:.,]\d|\s?(?:[ap]\.?\s?m\b|%|°)|st|nd|rd|th|\d)",
                 _I), _h_month_day),
@@ -421,6 +566,7 @@ _MOJIBAKE_WORD = (re.compile(r"(?:(?!â€)" + _LETTER + r")+(?:(?:" + _APOS + r
                              + r")+)*"), _h_word)
 _SYMBOL_RULES: list[tuple["re.Pattern[str]", _Handler]] = [
     (re.compile(r"#"), _h_hash),
+    (re.compile(r"/"), _h_slash_word),
     (re.compile(r"[&+@%=°]"), _h_symbol),
 ]
 
@@ -453,6 +599,8 @@ def normalize_spans(text: str) -> list[Span]:
             spans = handler(m, text)
             if spans is None:
                 continue
+            if handler is not _h_word and handler is not _h_integer:
+                _fire(handler.__name__[3:])
             out.extend(s for s in spans if s[0])
             i = m.end()
             break
@@ -579,7 +727,9 @@ def _assign_aligned(utterance: str, tokens: list[str], spans: list[Span],
 
 
 _PLAIN_UTTERANCE = re.compile(r"[A-Za-z\s.,?!;:\"()-]*")
-_NOT_PLAIN = re.compile(r"[A-Za-z]\.[A-Za-z]|\b[ap]\.\s?m\b|\b(?:st|dr|mr|mrs|ave|blvd|hwy|mt|ft|jr|sr|vs|apt|etc)\.", re.I)
+_NOT_PLAIN = re.compile(r"[A-Za-z]\.[A-Za-z]|\b[ap]\.\s?m\b|\b(?:st|dr|mr|mrs|ave|blvd|hwy|mt|ft|jr|sr|vs|apt|etc|rd|sept)\."
+                        r"|\b(?:" + "|".join(sorted(set(_BARE_ABBREVIATIONS) | set(_INFORMAL))) + r")\b", re.I)
+_CODES = re.compile(r"\b[A-Z]{2,3}\b")
 _LETTERS = re.compile(r"[A-Za-z]+")
 _FAST = True   # tests compare the fast path with the general one
 
@@ -607,7 +757,8 @@ def normalize_example(utterance: str, seqlogical: "str | Tree") -> NormalizedExa
     tokens: list[str] = [node.children[k] for node, k in leaves]  # type: ignore[misc]
     aligned = "".join(tokens) == "".join(utterance.split())
     crossing = 0
-    if _FAST and aligned and _PLAIN_UTTERANCE.fullmatch(utterance) and not _NOT_PLAIN.search(utterance):
+    if (_FAST and aligned and _PLAIN_UTTERANCE.fullmatch(utterance) and not _NOT_PLAIN.search(utterance)
+            and not _CODES.search(utterance)):
         # fast path (about half of TOPv2): only ASCII words and punctuation, nothing to expand
         utt_words = _LETTERS.findall(utterance.lower())
         norm_utt = " ".join(utt_words)

@@ -23,7 +23,9 @@ espeak-ng data (``+f3`` -> female); ``native`` is ``yes``.
 
 Runs are resumable and never leave partial output: each wav is written to a temp file in its
 folder and renamed into place, so an existing wav is complete and is skipped on the next run;
-manifests are written (atomically) only after every wav of the run exists. The settings are
+manifests are written (atomically) only after every wav of the run exists. A wav is reused only
+when it says the same normalised text (``OUT/.conslu-synth-texts.json``, a digest per file), so a
+changed normaliser or input row is spoken again. The settings are
 recorded in ``OUT/.conslu-synth.json``; a rerun with different speaker settings is refused rather
 than mixing two corpora. A lock file stops two runs writing the same folder at once.
 """
@@ -67,6 +69,7 @@ DEFAULT_VOICES: tuple[str, ...] = ("en", "en+m1", "en+m2", "en+m3", "en-gb-x-rp"
 RATE_RANGE = (120, 145)   # words per minute (espeak default 175 is too fast for tiny.en)
 PITCH_RANGE = (35, 65)    # espeak 0-99, default 50
 SETTINGS_FILE = ".conslu-synth.json"
+TEXTS_FILE = ".conslu-synth-texts.json"   # what each wav says: a wav is reused only for the same text
 LOCK_FILE = ".conslu-synth.lock"
 _FORMAT_VERSION = 1
 
@@ -302,7 +305,7 @@ def _table_rows(path: Path, need: Sequence[str], bad) -> Iterator[tuple[str, dic
     """(``file:line``, the ``need`` columns) of each TSV row; rows with the wrong field count go to ``bad``."""
     from conslu import data
 
-    rows, header = data._open_table(path, need)
+    rows, header = data.open_table(path, need)
     idx = {c: header.index(c) for c in need}
     for lineno, fields in rows:
         if len(fields) != len(header):
@@ -388,6 +391,20 @@ def _check_settings(out: Path, settings: dict) -> None:
     atomic_write_text(f, json.dumps(settings, indent=1) + "\n")
 
 
+def _text_digest(text: str) -> str:
+    return f"{zlib.crc32(text.encode('utf-8')):08x}"
+
+
+def _read_texts(out: Path) -> dict[str, str]:
+    """What each existing wav says (empty for a corpus made before it was recorded: all spoken again)."""
+    f = out / TEXTS_FILE
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _remove_stale_temps(dirs: Iterable[Path], pattern: str) -> int:
     """Delete temp files a killed run left behind (only our own names: ``.<name>.<random>.tmp``)."""
     n = 0
@@ -451,15 +468,22 @@ def synthesize(utterances: Sequence[Utterance], out: str | os.PathLike, *, seed:
         _remove_stale_temps(dirs, ".*.wav.*.tmp")
         _remove_stale_temps([out / "manifests"], ".*.tsv.*.tmp")
         _remove_stale_temps([out], f"{SETTINGS_FILE}.*.tmp")
+        _remove_stale_temps([out], f"{TEXTS_FILE}.*.tmp")
+        said = _read_texts(out)
         todo = []
         for row, u, spk in plan:
-            path = out / audio_path_for(u.split, u.domain, u.index)
-            if _complete_wav(path):
+            rel = audio_path_for(u.split, u.domain, u.index)
+            path = out / rel
+            if _complete_wav(path) and said.get(rel) == _text_digest(row["normalized_utterance"]):
                 result.skipped += 1
             else:
+                path.unlink(missing_ok=True)   # stale (another text) or incomplete: never left to pass as done
                 todo.append((path, row["normalized_utterance"], spk, choose_noise(seed, row["file_id"], noise_snr),
                              _noise_seed(seed, row["file_id"]), u.source))
         failures = _run_jobs(todo, jobs, progress, result)
+        said.update({audio_path_for(u.split, u.domain, u.index): _text_digest(row["normalized_utterance"])
+                     for row, u, _ in plan if _complete_wav(out / audio_path_for(u.split, u.domain, u.index))})
+        atomic_write_text(out / TEXTS_FILE, json.dumps(said, sort_keys=True) + "\n")
         if failures:
             shown = "\n".join(failures[:10]) + (f"\n... and {len(failures) - 10} more" if len(failures) > 10 else "")
             raise SynthError(f"{len(failures)} utterance(s) could not be synthesised (rerun to resume):\n{shown}")

@@ -120,6 +120,16 @@ def test_smoke_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert report["training"].keys() == {"conslu", "plain", "whislu"}
     md = (out / "ablation.md").read_text()
     assert md.count("| (") == len(run.VARIANTS) == 6 and "72.51" in md and "SMOKE RUN" in md
+    # EM against training steps: a point every step (--smoke: --curve-every 1) for each greedy variant
+    curves = report["curves"]
+    assert set(curves) == {"conslu", "plain_loss", "no_constraints", "whislu"}
+    for points in curves.values():
+        assert [p["step"] for p in points] == list(range(1, run.SMOKE["max_steps"] + 1))
+        assert all(0.0 <= p["em"] <= p["em_tree"] <= 1.0 for p in points)
+    assert all(p["validity"] == 1.0 for p in curves["conslu"])
+    assert curves["conslu"][-1]["em"] == report["variants"]["conslu"]["em"]   # the last point is the model scored
+    assert (out / "ablation_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert "ablation_curve.png" in md
     capsys.readouterr()
 
     # rerun: every variant is skipped, nothing retrained

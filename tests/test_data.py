@@ -81,6 +81,7 @@ def test_read_stop_layout_with_part_quirk(tmp_path: Path) -> None:
 
 def test_read_stop_missing_audio(tmp_path: Path) -> None:
     root = _stop(tmp_path, {"test": [_row("test_0/alarm_test_0/1.wav")]}, audio=False)
+    (root / "test_0").mkdir()
     with pytest.raises(DataError, match=r"test\.tsv:2: audio file not found: .*alarm_test_0/1\.wav or .*alarm_test/1\.wav"):
         read_stop(root, "test")
     skipped: list[str] = []
@@ -208,3 +209,49 @@ def test_read_any_mixes_sources(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="duplicated id"):
         read_any([root, root])
     assert len(read_any([root, topv2], splits=["train"])) == 0
+
+
+def _two_parts(tmp_path: Path, *, part1: bool = True) -> Path:
+    """A STOP-shaped test split: two recordings per utterance (test_0, test_1), each stored with the
+    release's folder quirk, plus a row whose decoupled reference is empty and one holding ``nan``."""
+    rows = []
+    for part in (0, 1):
+        rows += [_row(f"test_{part}/alarm_test_{part}/0000000{i}.wav") for i in (1, 2)]
+    empty = dict(_row("test_0/alarm_test_0/00000003.wav"), decoupled_normalized_seqlogical="")
+    nan = dict(_row("test_1/alarm_test_1/00000003.wav"), decoupled_normalized_seqlogical="nan")
+    root = tmp_path / "stop"
+    m = _write_raw(root / "manifests" / "test.tsv", ["\t".join(STOP_COLUMNS)] + [_line(r) for r in [*rows, empty, nan]])
+    for r in rows:
+        part = r["file_id"].split("/")[0]
+        if part == "test_1" and not part1:
+            continue
+        p = root / r["file_id"].replace(f"_test_{part[-1]}/", "_test/")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"RIFF")
+    assert m.is_file()
+    return root
+
+
+def test_read_stop_both_parts_quirk_and_empty_references(tmp_path: Path) -> None:
+    root = _two_parts(tmp_path)
+    notes: list[str] = []
+    ds = read_stop(root, "test", notes=notes)
+    assert ds["id"] == [f"test_{p}/alarm_test_{p}/0000000{i}.wav" for p in (0, 1) for i in (1, 2)]
+    assert ds["audio"][2] == str((root / "test_1/alarm_test/00000001.wav").resolve())   # quirk, part 1
+    assert len(notes) == 1
+    assert "test.tsv: 2 row(s) with an empty reference skipped" in notes[0]
+    assert "test_0/alarm_test_0/00000003.wav, test_1/alarm_test_1/00000003.wav" in notes[0]
+
+
+def test_read_stop_missing_part_is_one_clear_error(tmp_path: Path) -> None:
+    root = _two_parts(tmp_path, part1=False)
+    with pytest.raises(DataError, match=r"stop/test_1: recording part folder not found \(.*test\.tsv:4 and every "
+                                        r"other row of part 'test_1'"):
+        read_stop(root, "test")
+    notes: list[str] = []
+    ds = read_stop(root, "test", skip_bad=True, notes=notes)          # training with skip_bad: part 0 only
+    assert [i.split("/")[0] for i in ds["id"]] == ["test_0", "test_0"]
+    assert any("test_1: recording part folder not found (2 row(s) refer to it)" in n for n in notes)
+    notes = []
+    ds = read_stop(root, "test", check_audio=False, notes=notes)      # evaluate: the rows stay, the part is said
+    assert len(ds) == 4 and any("test_1: recording part folder not found" in n for n in notes)

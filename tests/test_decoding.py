@@ -344,3 +344,31 @@ def test_the_output_checker_rejects_bad_outputs():
         with pytest.raises(AssertionError):
             check_ids(tok, g, row, len(good) - len(P) - (what == "too long"))
             pytest.fail(f"checker accepted: {what}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_split_clitics_copy_cleanly(family):
+    """STOP's ``'s`` is its own word in transcripts and trees (``she 's``, ``katy perry 's``): every
+    normalised TOPv2 row with a clitic is a whole-word, in-order copy for the loss and the decoder."""
+    import itertools
+
+    from conftest import TOPV2_DIR, TOPV2_SAMPLE
+    from conslu.normalize import normalize_example
+
+    tok, t = _family(family)
+    labels_known = set(tok.label_ids)
+    pairs = [("text tim that she 's late", "[IN:SEND_MESSAGE [SL:RECIPIENT tim ] [SL:CONTENT_EXACT she 's late ] ]"),
+             ("play katy perry 's music", "[IN:PLAY_MUSIC [SL:MUSIC_ARTIST_NAME katy perry ] [SL:MUSIC_TYPE music ] ]")]
+    for f in sorted((TOPV2_DIR or TOPV2_SAMPLE).glob("*_train.tsv")):
+        with open(f, encoding="utf-8") as fh:
+            rows = [line.rstrip("\n").split("\t") for line in itertools.islice(fh, 1, None)]
+        for _, utt, tree in [r for r in rows if "'s" in r[1]][:25]:
+            ex = normalize_example(utt, tree)
+            lab = {w.lstrip("[") for w in ex.decoupled_normalized_seqlogical.split() if w.startswith("[")}
+            if lab <= labels_known:
+                pairs.append((ex.normalized_utterance, ex.decoupled_normalized_seqlogical))
+    assert any(" 's" in p[0] for p in pairs[2:]), "no TOPv2 row with a clitic found"
+    labels, _ = batch_labels(pairs, tok)
+    assert uncopyable_rows(labels, t) == []
+    ls = teacher_states(labels, t)
+    assert not bool((ls.state.phase == ERROR).any())

@@ -27,28 +27,35 @@ UTTERANCES = [
 ]
 
 
-def make_corpus(root: Path, split: str = "test", *, empty: int | None = None, quirk: bool = False) -> list[dict]:
-    """A STOP-layout corpus: manifest + one wav per utterance, wav i has 1600 + 160 i samples
-    (row ``empty`` gets an empty file). ``quirk``: manifest file_ids name ``<domain>_<split>_0`` folders
-    while the audio is in ``<domain>_<split>`` (as in the official release). Returns rows with the
-    audio length the fake model keys on."""
-    part = {"train": "train", "eval": "eval_0", "test": "test_0"}[split]
+def make_corpus(root: Path, split: str = "test", *, empty: int | None = None, quirk: bool = False,
+                parts: int = 1, empty_reference: int | None = None) -> list[dict]:
+    """A STOP-layout corpus: manifest + one wav per utterance and part, wav i of part p has
+    1600 + 160 i + 4000 p samples (row ``empty`` gets an empty file). ``quirk``: manifest file_ids
+    name ``<domain>_<split>_<part>`` folders while the audio is in ``<domain>_<split>`` (as in the
+    official release). ``parts``: recordings per utterance (``test_0``, ``test_1``, ...; train has
+    one). ``empty_reference``: that utterance's decoupled tree is empty in part 0 and ``nan`` in the
+    others (as in real releases). Returns the scorable rows with the audio length the fake model
+    keys on."""
     rows = []
     lines = ["\t".join(HEADER)]
-    for i, (domain, text, lf) in enumerate(UTTERANCES):
-        file_id = f"{part}/{domain}_{split}/{i:08d}.wav"
-        path = root / file_id
-        if quirk:
-            file_id = f"{part}/{domain}_{split}_0/{i:08d}.wav"
-        if i == empty:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(b"")
-        else:
-            write_wav(path, 1600 + 160 * i)
-        lines.append("\t".join([file_id, domain, "female", "True", text.capitalize() + ".", lf, text,
-                                lf, lf]))
-        rows.append({"file_id": file_id, "domain": domain, "transcript": text, "logical_form": lf,
-                     "n": 1600 + 160 * i})
+    for p in range(parts if split != "train" else 1):
+        part = "train" if split == "train" else f"{split}_{p}"
+        for i, (domain, text, lf) in enumerate(UTTERANCES):
+            file_id = f"{part}/{domain}_{split}/{i:08d}.wav"
+            path = root / file_id
+            if quirk:
+                file_id = f"{part}/{domain}_{split}_{p}/{i:08d}.wav" if split != "train" else file_id
+            n = 1600 + 160 * i + 4000 * p
+            if i == empty:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(b"")
+            else:
+                write_wav(path, n)
+            ref = lf if i != empty_reference else ("" if p == 0 else "nan")
+            lines.append("\t".join([file_id, domain, "female", "True", text.capitalize() + ".", lf, text,
+                                    lf, ref]))
+            if i != empty_reference:
+                rows.append({"file_id": file_id, "domain": domain, "transcript": text, "logical_form": lf, "n": n})
     (root / "manifests").mkdir(parents=True, exist_ok=True)
     (root / "manifests" / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return rows
@@ -219,3 +226,24 @@ def test_official_folder_quirk_is_resolved(fake, tmp_path, capsys):
     assert json.loads(out)["em"] == 1.0
     files = [r["file"] for r in strip_timing(out_file)]
     assert all("_test/" in f and "_test_0/" not in f and Path(f).is_file() for f in files)
+
+
+def test_two_parts_quirk_and_empty_references_evaluate_end_to_end(fake, tmp_path, capsys):
+    """A STOP-shaped test split: two recordings per utterance in test_0 and test_1, both stored with the
+    folder quirk, and an utterance whose reference is empty in one part and nan in the other."""
+    rows = make_corpus(tmp_path / "stop", quirk=True, parts=2, empty_reference=3)
+    model = fake(FakeModel(answers(rows)))
+    out_file = tmp_path / "pred.jsonl"
+    rc = main(["evaluate", "--data", str(tmp_path / "stop"), "--split", "test", "--model", str(_model_dir(tmp_path)),
+               "--json", "--out", str(out_file)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["n"] == 12 and res["em"] == 1.0 and res["failed"] == 0      # every recording of both parts
+    assert {d: r["n"] for d, r in res["per_domain"].items()} == {"alarm": 6, "weather": 6}
+    assert sum(c["n"] for c in model.calls) == 12
+    assert len(res["notes"]) == 1 and "2 row(s) with an empty reference skipped" in res["notes"][0]
+    assert "test_0/alarm_test_0/00000003.wav, test_1/alarm_test_1/00000003.wav" in res["notes"][0]
+    assert "empty reference" in err and "Traceback" not in err
+    files = [r["file"] for r in strip_timing(out_file)]
+    assert sum("/test_1/alarm_test/" in f for f in files) == 3 and all(Path(f).is_file() for f in files)

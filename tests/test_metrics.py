@@ -9,7 +9,7 @@ import pytest
 
 from conslu.cli import main
 from conslu.grammar import Grammar
-from conslu.metrics import ScoreError, score, score_one, word_errors
+from conslu.metrics import ScoreError, read_jsonl, score, score_one, word_errors
 
 REFS = [
     {"id": 1, "transcript": "please pause the song", "logical_form": "[IN:PAUSE_MUSIC [SL:MUSIC_TYPE song ] ]", "domain": "music"},
@@ -146,3 +146,66 @@ def test_cli_missing_files(tmp_path: Path, capsys) -> None:
     hyp = _jsonl(tmp_path / "hyp.jsonl", HYPS)
     assert main(["score", "--ref", str(ref), "--hyp", str(hyp), "--grammar", str(tmp_path / "g.json")]) == 2
     assert "g.json: no such grammar file and not a shipped grammar name" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# parity with the fairseq STOP scorer, written from its definition
+# (fairseq/tasks/nlu_finetuning.py, _inference_with_wer_parse): the target is a token stream in
+# which each bracket/label token ("[IN:X", "]") is one token and words are spelled letter by
+# letter with "_" between words; post_process drops eos and "|", turns "_" into a space and puts a
+# space after each bracket/label token; EM is equality of the joined, stripped strings, EM-tree
+# equality of the lists of tokens holding "[" or "]". Public recipes lower-case both sides.
+
+def _fairseq_stream(lf: str) -> list[str]:
+    out: list[str] = []
+    for w in lf.lower().split():
+        if "[" in w or "]" in w:
+            out.append(w)
+        else:
+            out += list(w) + ["_"]
+    return out
+
+
+def _fairseq_post_process(stream: list[str]) -> list[str]:
+    o: list[str] = []
+    for w in stream:
+        if w in ("</s>", "|"):
+            continue
+        if w == "_":
+            o.append(" ")
+        else:
+            o.append(w)
+            if "[" in w or "]" in w:
+                o.append(" ")
+    return o
+
+
+def _fairseq_scores(refs: list[dict], hyps: dict[str, dict]) -> tuple[float, float]:
+    em = tree = 0
+    for r in refs:
+        h = hyps.get(r["id"], {}).get("logical_form") or ""
+        hl, rl = _fairseq_post_process(_fairseq_stream(h)), _fairseq_post_process(_fairseq_stream(r["logical_form"]))
+        em += " ".join("".join(hl).split()) == " ".join("".join(rl).split())
+        tree += [w for w in hl if "[" in w or "]" in w] == [w for w in rl if "[" in w or "]" in w]
+    return em / len(refs), tree / len(refs)
+
+
+def test_em_and_em_tree_match_the_fairseq_stop_scorer(capsys) -> None:
+
+    data = Path(__file__).parent / "data" / "score"
+    refs = read_jsonl(data / "ref.jsonl", reference=True)
+    hyps = read_jsonl(data / "hyp.jsonl", reference=False)
+    scorable = [r for r in refs if r["logical_form"].strip().lower() not in ("", "nan")]
+    em, em_tree = _fairseq_scores(scorable, {h["id"]: h for h in hyps})
+    result = score(refs, hyps)
+    assert (result["em"], result["em_tree"]) == (em, em_tree)
+    assert result["n"] == len(scorable) == 10
+    assert 0 < em < em_tree < 1                       # the fixture tells the two metrics apart
+    assert result["empty_references"] == {"count": 2, "ids": ["k", "l"]}
+    assert result["ignored"]["count"] == 0           # a hypothesis for an empty reference is not "ignored"
+    for r in scorable:                                 # and one by one
+        one = score_one(r["logical_form"], next(h for h in hyps if h["id"] == r["id"])["logical_form"])
+        assert (one["em"], one["em_tree"]) == _fairseq_scores([r], {h["id"]: h for h in hyps})
+    assert main(["score", "--ref", str(data / "ref.jsonl"), "--hyp", str(data / "hyp.jsonl"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["em"] == em and out["empty_references"]["count"] == 2

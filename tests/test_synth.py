@@ -231,6 +231,23 @@ def test_resume_after_interruption(tmp_path, inputs):
     assert digests(out) == digests(ref)
 
 
+def test_a_wav_whose_text_changed_is_spoken_again(tmp_path, inputs, capsys):
+    """A changed normalised text (an edited row, or a normaliser that now writes it differently)
+    is spoken again; the other wavs are reused."""
+    out = tmp_path / "out"
+    assert run(*inputs, "--out", str(out)) == 0
+    kept = out / "train" / "alarm_train" / "00000001.wav"
+    changed = out / "train" / "alarm_train" / "00000000.wav"
+    before = {p: p.stat().st_mtime_ns for p in (kept, changed)}
+    old = changed.read_bytes()
+    write_topv2(Path(inputs[1]), [("alarm", "Set an alarm for 6:45 am", ALARM[0][2].replace("6:30", "6:45")), ALARM[1]])
+    capsys.readouterr()
+    assert run(*inputs, "--out", str(out)) == 0
+    assert "1 wav(s) written" in capsys.readouterr().err
+    assert kept.stat().st_mtime_ns == before[kept] and changed.read_bytes() != old
+    assert "six forty five am" in (out / "manifests" / "train.tsv").read_text()
+
+
 @needs_espeak
 def test_failure_mid_run_leaves_no_partial_output(tmp_path, inputs, monkeypatch, capsys):
     out = tmp_path / "out"

@@ -492,3 +492,40 @@ def test_training_code_has_no_argparse_and_no_self_probing() -> None:
             if isinstance(n, ast.Try):  # no `try: from conslu... except ImportError`
                 guarded = {a.module for a in ast.walk(n) if isinstance(a, ast.ImportFrom) and a.module}
                 assert not any(m.startswith("conslu") for m in guarded), f
+
+
+def test_bad_audio_and_empty_references_are_skipped_and_counted(tiny_whisper: Path, tmp_path: Path,
+                                                                 capfd: pytest.CaptureFixture) -> None:
+    """Training never stops in the middle of an epoch for a bad file: unreadable, empty and over-30 s
+    files (and rows whose reference is empty or nan) are reported when the split is read; a file
+    whose samples turn out unusable later (NaN samples: the header is fine) is left out of its batch
+    and counted in ``train/skipped_audio``."""
+    import soundfile
+
+    data = write_corpus(tmp_path / "stop")
+    good = (data / "manifests" / "train.tsv").read_text().splitlines()
+    first = good[1].split("\t")
+    folder = data / "train" / "alarm_train"
+    (folder / "text.wav").write_text("not audio at all\n")
+    (folder / "empty.wav").write_bytes(b"")
+    soundfile.write(folder / "long.wav", np.zeros(16000 * 31, dtype=np.float32), 16000)
+    soundfile.write(folder / "nan.wav", np.full(8000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
+    extra = []
+    for name in ("text", "empty", "long", "nan"):
+        extra.append("\t".join([f"train/alarm_train/{name}.wav", *first[1:]]))
+    for i, ref in enumerate(("", "nan")):
+        (folder / f"ref{i}.wav").write_bytes((folder.parent.parent / first[0]).read_bytes())
+        extra.append("\t".join([f"train/alarm_train/ref{i}.wav", *first[1:-1], ref]))
+    (data / "manifests" / "train.tsv").write_text("\n".join(good + extra) + "\n")
+
+    seen = _run(base_args(tiny_whisper, data, tmp_path / "run", "--trainer.max_steps", "3",
+                          "--trainer.limit_val_batches", "0", "--data.batch_size", "4", "--data.shuffle", "false"))
+    err = capfd.readouterr().err
+    assert seen["end_step"] == 3
+    assert "text.wav: not audio (looks like a text file)" in err
+    assert "empty.wav: empty file (0 bytes)" in err
+    assert "long.wav: audio is 31.0 s long" in err
+    assert "3 unusable audio 'train' row(s) skipped" in err
+    assert "2 row(s) with an empty reference skipped" in err
+    assert seen["metrics"]["train/skipped_audio"] == 1.0        # nan.wav, left out of its batch
+    assert not any("nan.wav" in i for b in seen["batches"] for i in b)

@@ -34,6 +34,7 @@ MODULES: tuple[str, ...] = (
     "grammar_extract",
     "grammar_show",
     "score",
+    "normalize",
     "convert_ct2",
     "transcribe",
     "synth",

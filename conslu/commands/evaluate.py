@@ -17,7 +17,9 @@ digits identify model path, data path, split, beam and constraints; not inside t
 which ``save_pretrained`` replaces as a whole).
 
 Scores (:func:`conslu.metrics.score`, validity against the model's grammar) cover the selected
-utterances only (``--domains``/``--limit``). An utterance whose audio cannot be read gets one
+utterances only (``--domains``/``--limit``), one per recording (eval and test have two parts,
+``*_0`` and ``*_1``), overall and per domain. Rows whose reference tree is empty or ``nan`` are left
+out with one line giving their count and first ids (also under ``notes`` in ``--json``). An utterance whose audio cannot be read gets one
 ``conslu: FILE: reason`` line, has no prediction and scores as wrong (``missing``); the run goes
 on and exits with 1 and ``conslu: N of M utterances failed``. Exit 2: unusable data, model or
 arguments.
@@ -70,9 +72,10 @@ def run(args: argparse.Namespace) -> int:
         err = f"--limit must be >= 0, got {args.limit}"
     if err:
         return usage_error(err)
+    notes: list[str] = []
     try:
         rows = evaluate.read_split(args.data, args.split, domains=args.domains, limit=args.limit,
-                                   skip_bad=args.skip_bad, warn=lambda msg: print(msg, file=sys.stderr))
+                                   skip_bad=args.skip_bad, warn=lambda msg: print(msg, file=sys.stderr), notes=notes)
     except (ValueError, OSError) as e:  # DataError is a ValueError
         return _fail(args, str(e))
     if not rows:
@@ -106,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     result["grammar"] = str(Path(args.model) / "grammar.json")
     result["predictions"] = str(out)
     result["failed"] = res.failed
+    result["notes"] = notes  # rows left out before decoding (empty references) and missing part folders
     if args.json:
         print(json.dumps(result, indent=1, sort_keys=True))
     else:

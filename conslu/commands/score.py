@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(format_table(result))
     print(f"(validity: {'well-formed and allowed by ' + str(args.grammar) if args.grammar else 'well-formed only, no --grammar'})")
-    for what, verb in (("missing", "references have no hypothesis (scored as wrong)"),
+    for what, verb in (("empty_references", "references have an empty logical form (not scored)"),
+                       ("missing", "references have no hypothesis (scored as wrong)"),
                        ("ignored", "hypotheses have no reference (ignored)")):
         info = result[what]
         if info["count"]:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from conslu.audio import load_audio, log_mel
+from conslu.audio import AudioError, load_audio, log_mel
 from conslu.batch import META, TargetCollator
 from conslu.context import context_seconds
 
@@ -20,7 +20,8 @@ __all__ = ["SLUExamples", "TargetCollator", "SLUCollator"]
 
 class SLUExamples(Dataset):
     """Rows of a :mod:`conslu.data` table; yields each row (plus its ``index``) with its audio, or
-    with its encoder output from ``cache`` (an :class:`conslu.features.EncoderCache`)."""
+    with its encoder output from ``cache`` (an :class:`conslu.features.EncoderCache`). A file that
+    cannot be read yields the row with ``audio_error`` (the collator leaves it out of the batch)."""
 
     def __init__(
         self,
@@ -49,7 +50,10 @@ class SLUExamples(Dataset):
         else:
             if not row.get("audio"):
                 raise ValueError(f"example {row.get('id')!r} has no audio file; training needs speech")
-            row["audio_array"] = load_audio(row["audio"], max_seconds=self.max_seconds)
+            try:
+                row["audio_array"] = load_audio(row["audio"], max_seconds=self.max_seconds)
+            except AudioError as e:
+                row["audio_error"] = str(e)
         return row
 
 
@@ -59,6 +63,8 @@ class SLUCollator:
 
     ``strict=False`` (validation) keeps examples whose target cannot be encoded (a label the grammar
     lacks): they are decoded and scored but have no loss; ``target_rows`` lists the others.
+    Examples whose audio could not be read are left out; ``skipped_audio`` holds their messages
+    (a batch of such examples only has no ``refs``).
     """
 
     def __init__(self, targets: TargetCollator, feature_extractor: Any, *, strict: bool = True,
@@ -84,7 +90,12 @@ class SLUCollator:
         return e.get("transcript") or "", e.get("logical_form") or "", {k: e.get(k) for k in META}
 
     def __call__(self, examples: list[dict]) -> dict[str, Any]:
+        skipped = [e["audio_error"] for e in examples if "audio_error" in e]
+        examples = [e for e in examples if "audio_error" not in e]
+        if not examples:
+            return {"refs": [], "target_rows": [], "skipped_audio": skipped}
         batch: dict[str, Any] = {
+            "skipped_audio": skipped,
             "refs": [
                 {
                     "id": str(e["id"]),

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 from conslu.context import context_seconds
 from conslu.data import DataError, read_stop
 from conslu.training.data import SLUCollator, SLUExamples, TargetCollator
-from conslu.training.rows import (audio_duration, audio_paths, report_skipped, row_location, target_length,
-                                  unlearnable_rows)
+from conslu.training.rows import (audio_paths, report_notes, report_skipped, row_location, target_length,
+                                  unlearnable_rows, usable_audio)
 from conslu.training.sampling import BucketBatchSampler, ResumableDataLoader
 
 __all__ = ["SLUDataModule"]
@@ -38,6 +38,11 @@ class SLUDataModule(pl.LightningDataModule):
             (audio length from the file headers).
         cache_dir: folder for cached encoder outputs when the model caches them (None: in memory).
         skip_bad: skip malformed manifest rows (reported by the reader) instead of failing.
+
+    Rows with an empty reference tree, and rows whose audio is unreadable, empty or longer than
+    ``max_audio_seconds`` (checked from the file headers when the split is read), are left out
+    and reported with their count; a file that fails later, when its samples are read, is left
+    out of its batch and counted (``train/skipped_audio``).
     """
 
     def __init__(
@@ -86,14 +91,21 @@ class SLUDataModule(pl.LightningDataModule):
         self._rows_checked = False
         #: an EncoderCache holding every row's encoder output (None: load audio, compute log-mels)
         self.encoder_cache: Any = None
+        #: rows left out per split because their audio cannot be used
+        self.skipped_audio: dict[str, int] = {}
 
     # -- reading -----------------------------------------------------------------------------
     def _read(self, split: str, limit: int | None) -> list[dict]:
         skipped: list[str] = []
+        notes: list[str] = []
         ds = read_stop(self.data_dir, split, domains=self.domains, limit=limit, skip_bad=self.skip_bad,
-                       skipped=skipped)
+                       skipped=skipped, notes=notes)
         report_skipped(split, skipped)
+        report_notes(notes)
         rows = ds.to_list() if hasattr(ds, "to_list") else list(ds)
+        rows, unusable = usable_audio(rows, self.max_audio_seconds)
+        report_skipped(split, unusable, what="unusable audio")
+        self.skipped_audio[split] = len(unusable)
         if not rows:
             raise ValueError(f"{self.data_dir}: no {split!r} examples (domains={self.domains})")
         return rows
@@ -152,8 +164,7 @@ class SLUDataModule(pl.LightningDataModule):
     def _sampler_inputs(self, rows: list[dict]) -> tuple[list[float], list[float] | None]:
         """The sampler's lengths (``bucket_by``) and each row's audio context, so batches never mix
         two (None without one: 30 s windows). Each file header is read once."""
-        durations = ([audio_duration(r.get("audio")) for r in rows]
-                     if self.bucket_by == "duration" or self.audio_context is not None else [])
+        durations = [float(r["duration"]) for r in rows]   # read with the rows (usable_audio)
         lengths = durations if self.bucket_by == "duration" else [target_length(r) for r in rows]
         if self.audio_context is None:
             return lengths, None

@@ -9,6 +9,7 @@ from typing import Any, Literal, Sequence
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from conslu.decoding import DecodingOptions, decode
@@ -87,6 +88,7 @@ class SLUModule(pl.LightningModule):
             SpecAugment(freq_mask_param, time_mask_param, num_freq_masks, num_time_masks) if spec_augment else None
         )
         self.val_scores = ValidationScores()
+        self._skipped_files: set[str] = set()
         self.last_val_result: dict | None = None
         self._cache: EncoderCache | None = None
         self._cache_dir: str | None = None
@@ -195,12 +197,27 @@ class SLUModule(pl.LightningModule):
         batch.update(keep)
         return batch
 
+    def _skip_audio(self, batch: dict) -> None:
+        """Say each file the collator left out (once) and log the running count."""
+        for msg in batch.get("skipped_audio", ()):
+            if msg not in self._skipped_files:
+                self._skipped_files.add(msg)
+                rank_zero_warn(f"conslu train: skipped {msg} (the rest of its batch goes on)")
+        if batch.get("skipped_audio"):
+            self.log("train/skipped_audio", float(len(self._skipped_files)), batch_size=1)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self._skip_audio(batch)
+        if not batch["refs"]:  # every file of the batch failed: a zero loss keeps all ranks in step
+            return sum((p.sum() * 0.0 for p in self.parameters() if p.requires_grad), torch.zeros((), device=self.device))
         loss = self.compute_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["refs"]))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._skip_audio(batch)
+        if not batch["refs"]:
+            return
         enc = self._encoder_outputs(batch)
         rows = batch["target_rows"]
         loss = None

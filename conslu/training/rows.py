@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from conslu.audio import AudioError, duration
+from conslu.audio import AudioError, probe
 from conslu.loss import uncopyable_rows
 
-__all__ = ["target_length", "audio_duration", "audio_paths", "report_skipped", "row_location", "unlearnable_rows"]
+__all__ = ["target_length", "audio_paths", "usable_audio", "report_skipped", "report_notes",
+           "row_location", "unlearnable_rows"]
 
 _LABEL = re.compile(r"\[\s*((?:IN|SL):[^\s\[\]]+)")
 
@@ -22,14 +23,23 @@ def target_length(row: dict) -> float:
     return float(len(row.get("transcript") or "") + len(row.get("logical_form") or ""))
 
 
-def audio_duration(path: str | None) -> float:
-    """Seconds of audio from the file header (``data.bucket_by: duration``); 0 without a file."""
-    if not path:
-        return 0.0
-    try:
-        return duration(path)
-    except AudioError as e:
-        raise ValueError(str(e)) from e
+def usable_audio(rows: list[dict], max_seconds: float | None) -> tuple[list[dict], list[str]]:
+    """The rows whose audio file can be used (each gets its ``duration``) and one ``file: reason``
+    message per row left out: unreadable, empty, or longer than ``max_seconds``. Only file
+    headers are read."""
+    keep: list[dict] = []
+    bad: list[str] = []
+    for r in rows:
+        if not r.get("audio"):
+            bad.append(f"{r.get('id')}: no audio file")
+            continue
+        try:
+            seconds = probe(r["audio"], max_seconds=max_seconds)
+        except AudioError as e:
+            bad.append(str(e))
+            continue
+        keep.append(dict(r, duration=seconds))
+    return keep, bad
 
 
 def audio_paths(rows: Sequence[dict]) -> list[str]:
@@ -40,14 +50,26 @@ def audio_paths(rows: Sequence[dict]) -> list[str]:
     return [r["audio"] for r in rows]
 
 
-def report_skipped(split: str, skipped: Sequence[str], limit: int = 20) -> None:
-    """Print the rows ``data.skip_bad`` left out (stderr, rank 0 only)."""
-    if not skipped or int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) or 0) != 0:
+def _rank_zero() -> bool:
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) or 0) == 0
+
+
+def report_skipped(split: str, skipped: Sequence[str], limit: int = 20, what: str = "bad") -> None:
+    """Print the rows left out (stderr, rank 0 only): ``data.skip_bad``'s bad rows, or
+    (``what="unusable audio"``) rows whose audio cannot be used."""
+    if not skipped or not _rank_zero():
         return
     for msg in skipped[:limit]:
         print(f"conslu train: skipped {msg}", file=sys.stderr)
     more = f" (first {limit} shown)" if len(skipped) > limit else ""
-    print(f"conslu train: {len(skipped)} bad {split!r} row(s) skipped{more}", file=sys.stderr)
+    print(f"conslu train: {len(skipped)} {what} {split!r} row(s) skipped{more}", file=sys.stderr)
+
+
+def report_notes(notes: Sequence[str]) -> None:
+    """Print the reader's notes (empty references, missing recording parts); rank 0 only."""
+    if _rank_zero():
+        for msg in notes:
+            print(f"conslu train: {msg}", file=sys.stderr)
 
 
 def row_location(data_dir: str, split: str, row: dict) -> str:

@@ -22,7 +22,9 @@ Steps (see README.md next to this file):
               (4) WhiSLU JSON target, no constraints.
 
 Outputs: ``<out>/ablation.json`` and ``<out>/ablation.md`` (a markdown table beside the paper's
-whisper-base figures). Each variant's entry is written (atomically) as soon as it is done; a
+whisper-base figures), and ``<out>/ablation_curve.png``: greedy EM on the eval split every
+``--curve-every`` steps of each training, per variant (a record of how the variants learn; the
+evaluated model is always the last step, so nothing is selected on the eval split). Each variant's entry is written (atomically) as soon as it is done; a
 rerun with the same settings skips finished variants, reuses trained models, and resumes an
 interrupted training from its ``last.ckpt``. ``--smoke``: a handful of utterances and steps
 (a couple of minutes; for tests) - its numbers mean nothing.
@@ -48,6 +50,7 @@ from conslu.context import DEFAULT_BUCKET_SECONDS  # noqa: E402
 from conslu.decoding import DecodingOptions  # noqa: E402
 from conslu.demo import evaluate_cached, fit, machine_info, read_rows, synth_corpus  # noqa: E402
 from conslu.features import base_encoder, encoder_cache, fill_encoder_cache  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 DEFAULT_TOPV2 = Path(os.environ.get("CONSLU_TOPV2_DIR", REPO.parent / "shared" / "data" / "topv2"))
 CONFIG = REPO / "conf" / "ablation.yaml"
@@ -114,6 +117,64 @@ def write_subsets(topv2: Path, domains: Sequence[str], per_split: dict[str, int 
 
 
 # ---------------------------------------------------------------------------------------------
+# EM against training steps
+
+
+class Curve(Callback):
+    """Every ``every`` optimizer steps, greedy EM / EM-tree / validity of the model being trained on
+    ``rows`` (from the encoder cache) for each of ``variants`` (name -> DecodingOptions). Points are
+    kept in ``path`` (JSON), so a resumed training keeps the points of its first run."""
+
+    def __init__(self, every: int, rows: Sequence[dict], cache: Any, variants: dict[str, DecodingOptions],
+                 path: Path) -> None:
+        self.every, self.rows, self.cache, self.variants, self.path = every, rows, cache, variants, path
+        self.points: dict[str, list[dict]] = json.loads(path.read_text()) if path.is_file() else {}
+        self.seconds = 0.0
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = int(trainer.global_step)
+        if step % self.every or any(p["step"] == step for ps in self.points.values() for p in ps):
+            return
+        t0 = time.perf_counter()
+        modes = [(m, m.training) for m in pl_module.modules()]
+        try:
+            for name, options in self.variants.items():
+                r = evaluate_cached(pl_module.slu, self.rows, self.cache, options=options, batch_size=16,
+                                    desc=f"{name} @ {step}")
+                self.points.setdefault(name, []).append(
+                    {"step": step, "em": r["em"], "em_tree": r["em_tree"], "validity": r["validity"]})
+        finally:
+            for m, training in modes:
+                m.train(training)
+        atomic_write_text(self.path, json.dumps(self.points, indent=1) + "\n")
+        self.seconds += time.perf_counter() - t0
+
+
+def plot_curves(report: dict, path: Path) -> None:
+    """EM against training steps for every variant with a curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from conslu.bench import save_png
+
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=100)
+    short = {"conslu": "(1) ConSLU", "plain_loss": "(2) plain loss", "no_constraints": "(3) no constraints",
+             "whislu": "(4) WhiSLU"}
+    for name in VARIANTS:
+        points = report.get("curves", {}).get(name)
+        if points:
+            ax.plot([p["step"] for p in points], [100 * p["em"] for p in points], "o-", label=short.get(name, name))
+    ax.set_xlabel("training step")
+    ax.set_ylabel("EM on eval (%), greedy")
+    ax.set_title(f"ablation: {report.get('config', {}).get('n_train', '?')} training utterances", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save_png(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
 # results
 
 
@@ -148,6 +209,15 @@ def format_markdown(report: dict) -> str:
                      f"{v['n']} | {v['train_steps']} | {v['train_seconds']:.0f} | {_paper(p.get('em'))} | "
                      f"{_paper(p.get('validity'))} |")
     m = report.get("machine") or {}
+    curves = report.get("curves") or {}
+    if curves:
+        every = cfg.get("curve_every")
+        lines += ["", f"Greedy EM on the eval split during training (every {every} steps; the table's models are "
+                      "the last step): `ablation_curve.png`.", "",
+                  "| variant | " + " | ".join(str(p["step"]) for p in next(iter(curves.values()))) + " |",
+                  "|---|" + "---:|" * len(next(iter(curves.values())))]
+        for name, points in curves.items():
+            lines.append(f"| {name} | " + " | ".join(_pct(p["em"]) for p in points) + " |")
     lines += ["", PAPER_NOTES]
     if m:
         lines.append(f"Run on {m.get('platform')} ({m.get('cpu_count')} CPUs, torch {m.get('torch')}).")
@@ -189,9 +259,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default=str(CONFIG), help="base training config (LightningCLI YAML)")
     p.add_argument("--jobs", type=int, default=None, help="espeak-ng processes (default: CPU count)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--curve-every", type=int, default=None,
+                   help="greedy EM on the eval split every N training steps (default 50; 1 with --smoke)")
     p.add_argument("--smoke", action="store_true", help="tiny end-to-end run (minutes) for tests")
     args = p.parse_args(argv)
-    for name in ("train_per_domain", "eval_per_domain", "max_steps"):
+    for name in ("train_per_domain", "eval_per_domain", "max_steps", "curve_every"):
         v = getattr(args, name)
         if v is not None and v < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -225,6 +297,7 @@ def run(args: argparse.Namespace) -> dict:
     work = Path(args.work or (REPO / "runs" / ("ablation-smoke" if smoke else "ablation")))
     config = Path(args.config)
     topv2 = Path(args.topv2)
+    curve_every = args.curve_every or (1 if smoke else 50)
     extra: dict[str, Any] = {"seed_everything": args.seed, "data.seed": args.seed}
     if args.max_steps or smoke:
         extra["trainer.max_steps"] = args.max_steps or SMOKE["max_steps"]
@@ -236,7 +309,7 @@ def run(args: argparse.Namespace) -> dict:
     settings = {"domains": domains, "train_per_domain": n_train, "eval_per_domain": n_eval, "seed": args.seed,
                 "config": config.read_text(encoding="utf-8"),
                 "overlays": {k: (o.read_text(encoding="utf-8") if o else None) for k, (o, _) in MODELS.items()},
-                "extra": extra, "topv2": str(topv2.resolve())}
+                "extra": extra, "topv2": str(topv2.resolve()), "curve_every": curve_every}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     report = load_report(out / "ablation.json")
     if report.get("key") != key:
@@ -244,7 +317,8 @@ def run(args: argparse.Namespace) -> dict:
             _log(f"ablation: {out / 'ablation.json'} holds a run with other settings; starting a new report")
         report = {"key": key, "variants": {}}
     report["config"] = {"domains": domains, "train_per_domain": n_train, "eval_per_domain": n_eval,
-                        "seed": args.seed, "smoke": smoke, "config": str(config), "extra": extra}
+                        "seed": args.seed, "smoke": smoke, "config": str(config), "extra": extra,
+                        "curve_every": curve_every}
     report["paper"] = {"model": "whisper-base", "split": "STOP test", "figures": PAPER, "notes": PAPER_NOTES}
     report["machine"] = machine_info()
     t_start = time.perf_counter()
@@ -294,8 +368,14 @@ def run(args: argparse.Namespace) -> dict:
                 last = root / "checkpoints" / "last.ckpt"
                 ckpt = str(last) if last.is_file() else None
                 _log(f"[3/4] train {model_name} ({MODELS[model_name][1]})" + (f", resuming from {last}" if ckpt else ""))
-                res = fit(_train_args(config, overlay, corpus, cache_dir, root, extra), seed=args.seed, ckpt_path=ckpt)
-                train_info[model_name] = {"steps": res.steps, "seconds": round(res.seconds, 1), "resumed": bool(ckpt),
+                curve = Curve(curve_every, eval_rows, cache,
+                              {v: _options(slu_format(model_name), c, b, smoke) for v, (m, c, b, _) in VARIANTS.items()
+                               if m == model_name and b == 1}, root / "curve.json")
+                res = fit(_train_args(config, overlay, corpus, cache_dir, root, extra), seed=args.seed, ckpt_path=ckpt,
+                          callbacks=[curve])
+                report.setdefault("curves", {}).update(curve.points)
+                train_info[model_name] = {"steps": res.steps, "seconds": round(res.seconds - curve.seconds, 1),
+                                          "curve_seconds": round(curve.seconds, 1), "resumed": bool(ckpt),
                                           "seconds_per_step": None if res.seconds_per_step is None
                                           else round(res.seconds_per_step, 3),
                                           "target_format": res.slu.target_format, "constraints": res.slu.constraints}
@@ -306,10 +386,8 @@ def run(args: argparse.Namespace) -> dict:
                 _log(f"      {res.steps} steps in {res.seconds:.0f} s ({train_info[model_name]['seconds_per_step']} s/step)")
         slu = models[model_name]
         _log(f"[4/4] evaluate {label} on {len(eval_rows)} utterances")
-        max_new = SMOKE["whislu_max_new_tokens" if slu.target_format == "whislu" else "max_new_tokens"] if smoke \
-            else (128 if slu.target_format == "whislu" else 64)
         r = evaluate_cached(slu, eval_rows, cache, batch_size=16, desc=name,
-                            options=DecodingOptions(constrained=constrained, max_new_tokens=max_new, beam_size=beam))
+                            options=_options(slu.target_format, constrained, beam, smoke))
         t = train_info[model_name]
         report["variants"][name] = {
             "label": label, "model": model_name, "target_format": slu.target_format,
@@ -324,7 +402,22 @@ def run(args: argparse.Namespace) -> dict:
              f"WER {_pct(r['wer'])}  ({r['seconds']} s)")
     report["seconds_this_run"] = round(time.perf_counter() - t_start, 1)
     save_report(out, report)
+    if report.get("curves"):
+        plot_curves(report, out / "ablation_curve.png")
     return report
+
+
+def slu_format(model_name: str) -> str:
+    """The target format a trained model of ``MODELS`` writes."""
+    return "whislu" if model_name == "whislu" else "simplified"
+
+
+def _options(target_format: str, constrained: bool, beam: int, smoke: bool) -> DecodingOptions:
+    if smoke:
+        max_new = SMOKE["whislu_max_new_tokens" if target_format == "whislu" else "max_new_tokens"]
+    else:
+        max_new = 128 if target_format == "whislu" else 64
+    return DecodingOptions(constrained=constrained, max_new_tokens=max_new, beam_size=beam)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
