@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One command sets up ConSLU on a fresh Debian/Ubuntu machine (run as root, or with sudo available).
-# System packages: espeak-ng (speech synthesis for the synthetic corpus and demo), sox, libsndfile.
+# System packages: espeak-ng (speech synthesis for the synthetic corpus and demo), sox, libsndfile,
+# chromium and its driver (the browser test of `conslu serve`'s page).
 set -euo pipefail
 cd "$(dirname "$0")"
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 if command -v apt-get >/dev/null; then
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng sox libsndfile1 >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng sox libsndfile1 chromium chromium-driver >/dev/null
 fi
 PY=${PYTHON:-python3}
 # torch: an installed build that sees a GPU is kept (replacing it could leave a machine training on

@@ -15,6 +15,7 @@ import os
 import struct
 import warnings
 from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -22,7 +23,8 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SAMPLE_RATE", "MAX_SECONDS", "AudioError", "load_audio", "probe", "chunk_audio", "log_mel", "duration"]
+__all__ = ["SAMPLE_RATE", "MAX_SECONDS", "AudioError", "load_audio", "probe", "chunk_audio", "log_mel", "duration",
+           "Features", "FeatureMaker"]
 
 SAMPLE_RATE = 16000
 MAX_SECONDS = 30.0  # Whisper's input window
@@ -298,3 +300,33 @@ def log_mel(audios: Sequence[np.ndarray], feature_extractor: Any, seconds: float
     out = feature_extractor(batch, sampling_rate=sr, return_tensors="pt",
                             max_length=frames * hop + int(getattr(feature_extractor, "n_fft", 400)))
     return out["input_features"][:, :, :frames].to(torch.float32)
+
+
+@dataclass(frozen=True)
+class Features:
+    """Log-mel features of a batch, one group per audio context: ``(seconds, indices, [b, n_mels,
+    100 * seconds] CPU tensor)``, contexts increasing; ``n`` audios in all."""
+
+    groups: tuple
+    n: int
+
+    def __len__(self) -> int:
+        return self.n
+
+
+@dataclass(frozen=True)
+class FeatureMaker:
+    """Audio arrays -> :class:`Features` for a model's feature extractor and audio context (None:
+    30 s windows). Holds no weights, so it runs in DataLoader workers and background threads."""
+
+    feature_extractor: Any
+    audio_context: float | None
+
+    def __call__(self, audios: Sequence[np.ndarray]) -> Features:
+        from conslu.context import groups
+
+        arrays = [np.asarray(a, dtype=np.float32) for a in audios]
+        sr = float(self.feature_extractor.sampling_rate)
+        out = tuple((seconds, tuple(idx), log_mel([arrays[i] for i in idx], self.feature_extractor, seconds))
+                    for seconds, idx in groups([len(a) / sr for a in arrays], self.audio_context).items())
+        return Features(out, len(arrays))

@@ -34,6 +34,7 @@ limit, which measures nothing useful). Wall times: warm-up run, median of repeat
 
 from __future__ import annotations
 
+import hashlib
 import os
 import statistics
 import subprocess
@@ -99,10 +100,14 @@ def demo_examples(n: int) -> list[tuple[str, str]]:
 
 
 def speak(text: str, workdir: Path) -> np.ndarray:
-    """espeak-ng speech of ``text`` as 16 kHz float32."""
+    """espeak-ng speech of ``text`` as 16 kHz float32, kept in ``workdir`` under a name made from
+    the text: a wav already there is read back (so a machine without espeak-ng can run the bench
+    on audio spoken elsewhere: ``conslu bench --audio-cache DIR``)."""
     from conslu.audio import load_audio
 
-    wav = workdir / f"u{abs(hash(text)) % 10**10}.wav"
+    wav = workdir / f"u{hashlib.sha1(text.encode('utf-8')).hexdigest()[:12]}.wav"
+    if wav.is_file():
+        return load_audio(wav)
     try:
         subprocess.run(["espeak-ng", "-v", "en", "-s", "130", "-w", str(wav), text], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -544,9 +549,15 @@ def plot(res: dict, path: Path) -> None:
     ax.plot(x, [r["speculative_s"] * 1e3 for r in rows], "^-", label="constrained + speculative")
     ax.plot(x, [r["constrained_s"] * 1e3 for r in rows], "s:", color="black", alpha=0.7,
             label="constrained (HF generate + LogitsProcessor)")
-    ax.set_xlabel("output length (tokens: transcript | logical form)")
-    ax.set_ylabel("decode time, batch 1 (ms)")
-    ax.set_title(f"{res.get('model', '')} on {res.get('device', '')}", fontsize=9)
+    save_plot(fig, ax, path, "output length (tokens: transcript | logical form)", "decode time, batch 1 (ms)",
+              f"{res.get('model', '')} on {res.get('device', '')}")
+
+
+def save_plot(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    """Label, grid and legend on ``ax``, then :func:`save_png`."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     save_png(fig, path)
@@ -601,12 +612,7 @@ def plot_encoder(rows: Sequence[dict], path: Path, title: str = "") -> None:
     x = [r["seconds"] for r in rows]
     ax.plot(x, [r["window_s"] for r in rows], "s-", label="30 s window (Whisper)")
     ax.plot(x, [r["context_s"] for r in rows], "o-", label="audio-length context")
-    ax.set_xlabel("audio length (s)")
-    ax.set_ylabel("encoder time, batch 16 (s)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    save_png(fig, path)
+    save_plot(fig, ax, path, "audio length (s)", "encoder time, batch 16 (s)", title)
 
 
 def table(res: dict) -> str:

@@ -51,6 +51,11 @@ class Tree:
     def is_slot(self) -> bool:
         return self.label.startswith(SLOT_PREFIX)
 
+    def to_dict(self) -> dict:
+        """The tree as JSON-ready nesting: ``{"label": "IN:X", "children": ["word", {...}, ...]}``."""
+        return {"label": self.label,
+                "children": [c.to_dict() if isinstance(c, Tree) else c for c in self.children]}
+
     def subtrees(self) -> Iterator["Tree"]:
         """All nodes in pre-order (this node first)."""
         stack: list[Tree] = [self]

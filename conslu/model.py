@@ -20,8 +20,8 @@ from torch import Tensor
 
 from conslu.atomic import atomic_folder, atomic_write_json
 from conslu.constraints import Tables, build_tables
-from conslu.audio import log_mel
-from conslu.context import DEFAULT_BUCKET_SECONDS, check_bucket, context_seconds, encode, groups
+from conslu.audio import FeatureMaker, Features, log_mel
+from conslu.context import DEFAULT_BUCKET_SECONDS, check_bucket, context_seconds, encode
 from conslu.decoding import DEFAULT_MAX_NEW_TOKENS, DecodingOptions, GrammarLogitsProcessor, decode, decode_tokens, resolve
 from conslu.grammar import Grammar
 from conslu.batch import TargetCollator
@@ -246,8 +246,9 @@ class ConSLU:
                "prefix_ids": list(self.tokenizer.prefix_ids), "audio_context": self.audio_context}
         atomic_write_json(folder / CONFIG_NAME, cfg, indent=2)
 
-    def to(self, device: Any) -> "ConSLU":
-        self.model.to(device)
+    def to(self, device: Any = None, dtype: torch.dtype | None = None) -> "ConSLU":
+        """Move the Whisper model to ``device`` and/or cast it to ``dtype`` (bf16/fp16 inference)."""
+        self.model.to(device=device, dtype=dtype)
         return self
 
     @property
@@ -324,11 +325,19 @@ class ConSLU:
         feats = log_mel(arrays, self.feature_extractor, seconds)
         return feats.to(self.device, dtype=next(self.model.parameters()).dtype)
 
-    def _by_context(self, audios: Sequence[np.ndarray], run: Any) -> list:
-        """``run(features)`` once per audio context (each audio at its own), results in input order."""
-        out: list = [None] * len(audios)
-        for seconds, idx in groups([len(a) / self.sampling_rate for a in audios], self.audio_context).items():
-            for i, r in zip(idx, run(self.features([audios[i] for i in idx], seconds))):
+    @property
+    def feature_maker(self) -> FeatureMaker:
+        """Audio -> log-mels grouped by audio context, without the weights (for loader workers)."""
+        return FeatureMaker(self.feature_extractor, self.audio_context)
+
+    def _by_context(self, audios: "Sequence[np.ndarray] | Features", run: Any) -> list:
+        """``run(features)`` once per audio context (each audio at its own), results in input order.
+        ``audios`` may be made into :class:`conslu.audio.Features` already (by :attr:`feature_maker`)."""
+        feats = audios if isinstance(audios, Features) else self.feature_maker(audios)
+        out: list = [None] * len(feats)
+        dtype = next(self.model.parameters()).dtype
+        for _, idx, f in feats.groups:
+            for i, r in zip(idx, run(f.to(self.device, dtype=dtype))):
                 out[i] = r
         return out
 
@@ -357,9 +366,11 @@ class ConSLU:
         """Token rows (prompt included) for a batch of log-mel features (``conslu.decoding.decode_tokens``)."""
         return decode_tokens(self, _options(options, overrides), input_features=input_features)
 
-    def parse(self, audios: Sequence[np.ndarray], options: DecodingOptions | None = None, **overrides: Any) -> list[dict]:
-        """Transcribe and parse audio (16 kHz float arrays): dicts with transcript, logical_form
-        ("" when none), valid (a well-formed tree allowed by the grammar) and text (raw decoded).
+    def parse(self, audios: "Sequence[np.ndarray] | Features", options: DecodingOptions | None = None,
+              **overrides: Any) -> list[dict]:
+        """Transcribe and parse audio (16 kHz float arrays, or their :class:`conslu.audio.Features`):
+        dicts with transcript, logical_form ("" when none), valid (a well-formed tree allowed by the
+        grammar) and text (raw decoded).
         ``options`` (``DecodingOptions``) or its fields as keywords: ``slu.parse(audios, beam_size=4)``."""
         if not len(audios):
             return []

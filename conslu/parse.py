@@ -17,27 +17,81 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from dataclasses import dataclass, replace
+
 import numpy as np
 
 from conslu.runner import Item, Outcome
 
-__all__ = ["load_model", "model_error", "check_options", "decode", "model_fingerprint", "decode_settings",
-           "file_key", "file_items", "directory_error", "record"]
+__all__ = ["DTYPES", "load_model", "Loader", "model_error", "check_options", "decode", "features", "model_fingerprint",
+           "decode_settings", "file_key", "file_items", "directory_error", "record"]
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
-def load_model(path: str, device: str | None = None, audio_context: float | None | str = "model") -> Any:
-    """``ConSLU.from_pretrained(path)`` on ``device`` (default: CUDA when available, else CPU);
-    ``audio_context``: ``"model"`` keeps the folder's, else the bucket in seconds (None: 30 s windows)."""
+def _dtype(name: str, device: str) -> Any:
+    """The torch dtype for ``name`` on ``device``; ValueError where the device cannot run it."""
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: expected one of {', '.join(DTYPES)}")
+    dtype = getattr(torch, name)
+    if name == "bfloat16" and str(device).startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"{device} does not support bfloat16; use --dtype float16 or float32")
+    return dtype
+
+
+def load_model(path: str, device: str | None = None, audio_context: float | None | str = "model",
+               dtype: str = "float32") -> Any:
+    """``ConSLU.from_pretrained(path)`` on ``device`` (default: CUDA when available, else CPU) in
+    ``dtype`` (``float32``, ``bfloat16``, ``float16``); ``audio_context``: ``"model"`` keeps the
+    folder's, else the bucket in seconds (None: 30 s windows)."""
     import torch
 
     from conslu.model import ConSLU
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    slu = ConSLU.from_pretrained(path).to(device)
+    torch_dtype = _dtype(dtype, device)
+    slu = ConSLU.from_pretrained(path)
+    slu = slu.to(device) if dtype == "float32" else slu.to(device, torch_dtype)
     if audio_context != "model":
         slu.audio_context = audio_context
     return slu
+
+
+@dataclass(frozen=True)
+class Loader:
+    """Loads the ConSLU model of a run (``load()``) and checks that ``options`` suit it; raises
+    :class:`conslu.runner.RunError` (exit 2) with one line otherwise. Picklable, so each process of
+    a sharded run (:func:`conslu.runner.run_files` with ``devices``) loads its own copy
+    (:meth:`on` gives the copy for another device)."""
+
+    model: str
+    options: Any
+    device: str | None = None
+    audio_context: float | None | str = "model"
+    dtype: str = "float32"
+    debug: bool = False
+
+    def on(self, device: str) -> "Loader":
+        return replace(self, device=device)
+
+    def __call__(self) -> Any:
+        from conslu.runner import RunError
+
+        if not self.debug:
+            from conslu.commands._options import quiet_transformers
+
+            quiet_transformers()
+        try:
+            model = load_model(self.model, self.device, self.audio_context, self.dtype)
+        except Exception as e:  # noqa: BLE001 - one clear line; the traceback on --debug
+            raise RunError(model_error(self.model, e)) from e
+        err = check_options(model, self.options)
+        if err:
+            raise RunError(err)
+        return model
 
 
 def model_error(model: str, e: Exception) -> str:
@@ -54,9 +108,17 @@ def check_options(model: Any, options: Any) -> str | None:
     return None
 
 
-def decode(model: Any, audios: list[np.ndarray], options: Any) -> list[dict]:
-    """``model.parse(audios, options)``: one ``{"transcript", "logical_form", "valid", ...}`` per audio."""
+def decode(model: Any, audios: Any, options: Any) -> list[dict]:
+    """``model.parse(audios, options)``: one ``{"transcript", "logical_form", "valid", ...}`` per audio
+    (``audios``: arrays, or their log-mels from :func:`features`)."""
     return list(model.parse(audios, options))
+
+
+def features(model: Any) -> Any:
+    """The model's log-mel maker (:attr:`conslu.model.ConSLU.feature_maker`), for the file loop to
+    run ahead of decoding (``run_files(prepare=features)``); None for a model without one (it is
+    given the audio arrays)."""
+    return getattr(model, "feature_maker", None)
 
 
 FINGERPRINT_FILES = ("conslu.json", "grammar.json", "generation_config.json", "tokenizer.json")
@@ -86,14 +148,17 @@ def model_fingerprint(path: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
-def decode_settings(model: str, options: Any, audio_context: float | None | str = "model") -> dict:
+def decode_settings(model: str, options: Any, audio_context: float | None | str = "model",
+                    dtype: str = "float32") -> dict:
     """Settings that change a model's output (``options``: ``DecodingOptions``), recorded beside
     resumable outputs: the model folder, its fingerprint (its own audio context included), the
-    options (less ``speculative``, which gives the same output either way) and an overridden
-    audio context."""
+    options (less ``speculative``, which gives the same output either way), an overridden audio
+    context and a half-precision dtype."""
     opts = options.as_dict()
     opts.pop("speculative")
-    extra = {} if audio_context == "model" else {"audio_context": audio_context}
+    extra: dict[str, Any] = {} if audio_context == "model" else {"audio_context": audio_context}
+    if dtype != "float32":
+        extra["dtype"] = dtype
     return {"model": str(Path(model).resolve()), "model_fingerprint": model_fingerprint(model), **opts, **extra}
 
 

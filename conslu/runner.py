@@ -18,14 +18,23 @@ how a result becomes a record:
   what was written so far is kept, exit code 1. A model that cannot be loaded or does not suit the
   options stops it before any item (:class:`RunError`, with its exit code).
 
+* ``devices=N`` shards the work over N processes (``torch.multiprocessing``, spawned; one per GPU
+  with ``accelerator="cuda"``, else CPU processes sharing the cores): the items left to decode are
+  cut into the batches one process would make, batch j goes to process j mod N, each process
+  writes its records to a part file beside ``out`` and the parts are gathered into ``out`` in item
+  order, so the file equals a one-process run's. A killed sharded run leaves its part files; the
+  next run (with any N) gathers them first and decodes only what is missing.
+
 Nothing here knows argparse or a particular model: the caller passes a ``load`` function (called
-only when there is something to decode) and a ``decode(model, audios) -> [dict, ...]`` function.
+only when there is something to decode; for ``devices`` > 1 a picklable one with ``on(device)``)
+and a ``decode(model, audios) -> [dict, ...]`` function.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -40,7 +49,7 @@ import numpy as np
 from conslu.jsonl import JSONLError, ResumableWriter, atomic_write_json, dumps
 
 __all__ = ["Item", "Outcome", "DecodeError", "RunError", "RunResult", "SettingsMismatch", "Reporter",
-           "run_batches", "run_files", "open_output", "settings_path", "report_decode_error"]
+           "run_batches", "run_files", "open_output", "settings_path", "report_decode_error", "part_paths"]
 
 PROGRESS_MIN_FILES = 5  # show a progress bar from this many items on
 PREFETCH_BATCHES = 2
@@ -118,39 +127,49 @@ def _load_one(item: Item, loader: Callable[[str], np.ndarray]) -> tuple[np.ndarr
     return audio, None, None
 
 
-def run_batches(decode: BatchFn, items: Iterable[Item], *, batch_size: int = 8,
-                loader: Callable[[str], np.ndarray] | None = None,
-                prefetch: int = PREFETCH_BATCHES) -> Iterator[Outcome]:
-    """Decode ``items`` in batches of readable audio; yields one :class:`Outcome` per item, in order.
+class _Chunks:
+    """Map-style dataset of batches for a DataLoader: chunk j -> (outcome of each item's load, the
+    prepared batch of the readable ones or None). Picklable (items, loader and prepare are)."""
 
-    ``decode(audios)`` returns one dict per audio. Audio for the next ``prefetch`` batches is
-    loaded in a background thread while the model decodes. Unreadable files yield error outcomes;
-    an exception from ``decode`` raises :class:`DecodeError` (the outcomes of earlier batches have
-    been yielded already).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    load = loader or _default_loader
-    source = iter(items)
+    def __init__(self, chunks: list[list[Item]], loader: Callable[[str], np.ndarray],
+                 prepare: Callable[[list[np.ndarray]], Any] | None) -> None:
+        self.chunks, self.loader, self.prepare = chunks, loader, prepare
 
-    def next_chunk() -> list[Item]:
-        chunk: list[Item] = []
-        for item in source:
-            chunk.append(item)
-            if len(chunk) == batch_size:
-                break
-        return chunk
+    def __len__(self) -> int:
+        return len(self.chunks)
 
-    def load_chunk(chunk: list[Item]) -> list[tuple[Item, tuple]]:
-        return [(item, _load_one(item, load)) for item in chunk]
+    def __getitem__(self, j: int) -> tuple[list[tuple[Item, tuple]], Any]:
+        loaded = [(item, _load_one(item, self.loader)) for item in self.chunks[j]]
+        audios = [audio for _, (audio, err, _) in loaded if err is None]
+        if self.prepare is None or not audios:
+            return loaded, None
+        return [(item, (None, err, trace)) for item, (_, err, trace) in loaded], self.prepare(audios)
 
+
+def _as_is(x: Any) -> Any:
+    return x
+
+
+def _loaded_batches(chunks: list[list[Item]], loader: Callable[[str], np.ndarray], prepare: Any, prefetch: int,
+                    workers: int) -> Iterator[tuple[list[tuple[Item, tuple]], Any]]:
+    """The chunks loaded (and prepared) ahead of use: in ``workers`` DataLoader processes, or in one
+    background thread when ``workers`` is 0."""
+    data = _Chunks(chunks, loader, prepare)
+    if workers > 0:
+        from torch.utils.data import DataLoader
+
+        yield from DataLoader(data, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_as_is,
+                              prefetch_factor=max(1, prefetch))
+        return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="conslu-audio") as pool:
         pending: deque[Future] = deque()
+        nxt = 0
 
         def submit() -> None:
-            chunk = next_chunk()
-            if chunk:
-                pending.append(pool.submit(load_chunk, chunk))
+            nonlocal nxt
+            if nxt < len(chunks):
+                pending.append(pool.submit(data.__getitem__, nxt))
+                nxt += 1
 
         for _ in range(max(1, prefetch)):
             submit()
@@ -158,29 +177,49 @@ def run_batches(decode: BatchFn, items: Iterable[Item], *, batch_size: int = 8,
             while pending:
                 loaded = pending.popleft().result()
                 submit()
-                good = [(item, audio) for item, (audio, err, _) in loaded if err is None]
-                results: list[dict] = []
-                per_file = 0.0
-                if good:
-                    t0 = time.perf_counter()
-                    try:
-                        results = list(decode([a for _, a in good]))
-                    except Exception as e:
-                        first = good[0][0]
-                        raise DecodeError(f"decoding failed on the batch starting at {first.path or first.key}: "
-                                          f"{type(e).__name__}: {e}") from e
-                    if len(results) != len(good):
-                        raise DecodeError(f"the model returned {len(results)} results for {len(good)} inputs")
-                    per_file = (time.perf_counter() - t0) / len(good)
-                by_item = {id(item): res for (item, _), res in zip(good, results)}
-                for item, (_, err, trace) in loaded:
-                    if err is not None:
-                        yield Outcome(item, error=err, trace=trace)
-                    else:
-                        yield Outcome(item, result=by_item[id(item)], seconds=per_file)
+                yield loaded
         finally:
             for fut in pending:
                 fut.cancel()
+
+
+def run_batches(decode: BatchFn, items: Iterable[Item], *, batch_size: int = 8,
+                loader: Callable[[str], np.ndarray] | None = None,
+                prefetch: int = PREFETCH_BATCHES, prepare: Callable[[list[np.ndarray]], Any] | None = None,
+                workers: int = 0) -> Iterator[Outcome]:
+    """Decode ``items`` in batches of readable audio; yields one :class:`Outcome` per item, in order.
+
+    ``decode(batch)`` returns one dict per audio; the batch is the list of audio arrays, or
+    ``prepare(audios)`` (log-mels, say) when ``prepare`` is given. Loading and preparing run ahead
+    of the model by ``prefetch`` batches, in ``workers`` DataLoader processes (0: one background
+    thread). Unreadable files yield error outcomes; an exception from ``decode`` raises
+    :class:`DecodeError` (the outcomes of earlier batches have been yielded already).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    items = list(items)
+    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    for loaded, prepared in _loaded_batches(chunks, loader or _default_loader, prepare, prefetch, workers):
+        good = [(item, audio) for item, (audio, err, _) in loaded if err is None]
+        results: list[dict] = []
+        per_file = 0.0
+        if good:
+            t0 = time.perf_counter()
+            try:
+                results = list(decode(prepared if prepare is not None else [a for _, a in good]))
+            except Exception as e:
+                first = good[0][0]
+                raise DecodeError(f"decoding failed on the batch starting at {first.path or first.key}: "
+                                  f"{type(e).__name__}: {e}") from e
+            if len(results) != len(good):
+                raise DecodeError(f"the model returned {len(results)} results for {len(good)} inputs")
+            per_file = (time.perf_counter() - t0) / len(good)
+        by_item = {id(item): res for (item, _), res in zip(good, results)}
+        for item, (_, err, trace) in loaded:
+            if err is not None:
+                yield Outcome(item, error=err, trace=trace)
+            else:
+                yield Outcome(item, result=by_item[id(item)], seconds=per_file)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,26 +330,176 @@ def _print(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
+def part_paths(out: str | os.PathLike) -> list[Path]:
+    """The part files of a sharded run on ``out`` (``.OUT.part<rank>``) that exist, by rank."""
+    p = Path(out)
+    found = [(int(m.group(1)), q) for q in p.parent.glob(f".{p.name}.part*")
+             if (m := re.fullmatch(rf"\.{re.escape(p.name)}\.part(\d+)", q.name))]
+    return [q for _, q in sorted(found)]
+
+
+def _gather_parts(writer: ResumableWriter, out: str | os.PathLike, key: Callable[[dict], str],
+                  order: Sequence[str]) -> int:
+    """Move the records of ``out``'s part files into ``writer``, in ``order`` (then any others), and
+    delete the parts; returns how many records were added."""
+    parts = part_paths(out)
+    if not parts:
+        return 0
+    found: dict[str, dict] = {}
+    for q in parts:
+        part = ResumableWriter(q, key, warn=lambda msg: None)  # complete lines only
+        part.close()
+        for rec in part.records:
+            found.setdefault(key(rec), rec)
+    before = writer.written
+    for k in [*order, *[k for k in found if k not in set(order)]]:
+        if k in found:
+            writer.write(found.pop(k))
+    for q in parts:
+        q.unlink(missing_ok=True)
+        Path(str(q) + ".json").unlink(missing_ok=True)
+    return writer.written - before
+
+
+@dataclass
+class _Shard:
+    """What one process of a sharded run does (picklable: it crosses a spawn)."""
+
+    rank: int
+    world: int
+    items: list[Item]
+    load: Any
+    decode: Callable[[Any, list[np.ndarray]], Sequence[dict]]
+    record: Callable[[Outcome], dict]
+    batch_size: int
+    device: str
+    part: str
+    threads: int
+    debug: bool = False
+    progress: str | None = None
+    loader: Callable[[str], np.ndarray] | None = None
+    prepare: Callable[[Any], Any] | None = None
+    workers: int = 0
+
+
+def _run_shard(rank: int, shards: list[_Shard]) -> None:
+    """One process of a sharded run: decode its batches into its part file; its outcome (failed
+    count, exit code) goes to ``<part>.json``."""
+    import torch
+
+    sh = shards[rank]
+    torch.set_num_threads(sh.threads)
+    summary: dict[str, Any] = {"failed": 0, "code": None}
+    try:
+        load = sh.load.on(sh.device) if hasattr(sh.load, "on") else sh.load
+        try:
+            model = load()
+        except RunError as e:
+            if sh.debug and e.__cause__ is not None:
+                traceback.print_exception(e.__cause__)
+            _print(f"conslu: {e}")
+            summary["code"] = e.code
+            return
+        desc = f"{sh.progress} [{sh.world} processes]" if sh.progress and rank == 0 else None
+        report = Reporter(len(sh.items), debug=sh.debug, desc=desc)
+        try:
+            with open(sh.part, "a", encoding="utf-8") as f:
+                for oc in run_batches(lambda batch: sh.decode(model, batch), sh.items, batch_size=sh.batch_size,
+                                      loader=sh.loader, prepare=None if sh.prepare is None else sh.prepare(model),
+                                      workers=sh.workers):
+                    if oc.ok:
+                        f.write(dumps(sh.record(oc)) + "\n")
+                        f.flush()
+                    report.outcome(oc)
+        except DecodeError as e:
+            report.close()
+            summary["code"] = report_decode_error(e, sh.debug, None, None, "")
+        finally:
+            report.close()
+            summary["failed"] = report.failed
+    finally:
+        atomic_write_json(Path(sh.part + ".json"), summary)
+
+
+def _shard_devices(accelerator: str, devices: int) -> list[str]:
+    import torch
+
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    if accelerator == "cuda":
+        have = torch.cuda.device_count()
+        if have < devices:
+            raise RunError(f"--devices {devices} needs {devices} CUDA devices, {have} visible")
+        return [f"cuda:{r}" for r in range(devices)]
+    if accelerator != "cpu":
+        raise RunError(f"accelerator {accelerator!r}: expected cpu, cuda or auto")
+    return ["cpu"] * devices
+
+
+def _run_sharded(todo: list[Item], res: RunResult, load: Any, decode: Callable, record: Callable, *,
+                 batch_size: int, out: str | os.PathLike, devices: int, accelerator: str, debug: bool,
+                 progress: str | None, loader: Callable | None, prepare: Callable | None, workers: int) -> None:
+    """Decode ``todo`` over ``devices`` processes into part files beside ``out`` (gathered by the caller)."""
+    import torch.multiprocessing as mp
+
+    names = _shard_devices(accelerator, devices)
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    world = min(devices, len(batches))
+    threads = max(1, (os.cpu_count() or 1) // world)  # the cores shared out, one share per process
+    o = Path(out)
+    shards = [_Shard(r, world, [it for b in batches[r::world] for it in b], load, decode, record, batch_size,
+                     names[r], str(o.parent / f".{o.name}.part{r}"), threads, debug, progress, loader, prepare,
+                     workers)
+              for r in range(world)]
+    _print(f"conslu: {len(todo)} items in {len(batches)} batches over {world} processes ({', '.join(names[:world])})")
+    try:
+        mp.start_processes(_run_shard, args=(shards,), nprocs=world, join=True, start_method="spawn")
+    except Exception as e:  # noqa: BLE001 - a process died: keep what the others wrote
+        _print(f"conslu: a decoding process failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
+        res.code = 1
+    for sh in shards:
+        try:
+            summary = json.loads(Path(sh.part + ".json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            res.code = res.code or 1
+            continue
+        res.failed += int(summary.get("failed", 0))
+        if summary.get("code") is not None:
+            res.code = res.code or int(summary["code"])
+
+
 def run_files(items: Sequence[Item], load: Callable[[], Any], decode: Callable[[Any, list[np.ndarray]], Sequence[dict]],
               record: Callable[[Outcome], dict], *, batch_size: int = 8, out: str | os.PathLike | None = None,
               key: Callable[[dict], str] | None = None, settings: dict | None = None, debug: bool = False,
               progress: str | None = None, loader: Callable[[str], np.ndarray] | None = None,
-              resumed: str = "files already done, skipped", noun: str = "results") -> RunResult:
+              resumed: str = "files already done, skipped", noun: str = "results", devices: int = 1,
+              accelerator: str = "auto", prepare: Callable[[Any], Callable[[list[np.ndarray]], Any]] | None = None,
+              workers: int = 0) -> RunResult:
     """Decode ``items`` with the model from ``load()`` and emit ``record(outcome)`` for each readable one.
 
     Records go to stdout (JSON lines) or, with ``out``, to that resumable file (``key(record)``
     names a record and must equal its item's ``key``; ``settings`` are checked and kept beside it).
     A resumed run says ``conslu: OUT: N of M <resumed>``. ``progress``: the progress bar's label
-    (None: no bar). ``noun``: what the records are, for the decoding-failure message. See the
-    module docstring for the reporting.
+    (None: no bar). ``noun``: what the records are, for the decoding-failure message.
+    ``devices`` > 1 (needs ``out``): shard over that many processes on ``accelerator`` (``cpu``,
+    ``cuda``, ``auto``). ``prepare(model)``: the batch preparer run ahead of decoding with the
+    loading (``decode`` then gets its output), in ``workers`` DataLoader processes (0: a background
+    thread). See the module docstring for the reporting.
     """
     res = RunResult()
     writer: ResumableWriter | None = None
+    if devices > 1 and out is None:
+        raise ValueError("a sharded run (devices > 1) writes to an output file")
     if out is not None:
         assert key is not None, "a resumable output needs a record key"
         try:
             writer = open_output(out, key, settings or {})
+            gathered = _gather_parts(writer, out, key, [it.key for it in items])
+            if gathered:
+                _print(f"conslu: {out}: gathered {gathered} {noun} left by an interrupted sharded run")
         except (JSONLError, SettingsMismatch, OSError) as e:
+            if writer is not None:
+                writer.close()
             _print(f"conslu: {e}")
             res.code = 2
             return res
@@ -319,6 +508,21 @@ def run_files(items: Sequence[Item], load: Callable[[], Any], decode: Callable[[
         res.todo = len(todo)
         if writer is not None and len(todo) < len(items):
             _print(f"conslu: {out}: {len(items) - len(todo)} of {len(items)} {resumed}")
+        if todo and devices > 1 and len(todo) > batch_size:
+            assert writer is not None and out is not None and key is not None
+            try:
+                _run_sharded(todo, res, load, decode, record, batch_size=batch_size, out=out, devices=devices,
+                             accelerator=accelerator, debug=debug, progress=progress, loader=loader, prepare=prepare,
+                             workers=workers)
+            except RunError as e:
+                _print(f"conslu: {e}")
+                res.code = e.code
+                return res
+            before = writer.written
+            _gather_parts(writer, out, key, [it.key for it in todo])
+            if res.code == 1:
+                print(f"conslu: {writer.written - before} {noun} written to {out}; run again to resume", file=sys.stderr)
+            return res
         if todo:
             try:
                 model = load()
@@ -331,8 +535,9 @@ def run_files(items: Sequence[Item], load: Callable[[], Any], decode: Callable[[
             res.model = model
             report = Reporter(len(todo), debug=debug, desc=progress)
             try:
-                for oc in run_batches(lambda audios: decode(model, audios), todo, batch_size=batch_size,
-                                      loader=loader):
+                for oc in run_batches(lambda batch: decode(model, batch), todo, batch_size=batch_size,
+                                      loader=loader, prepare=None if prepare is None else prepare(model),
+                                      workers=workers):
                     if oc.ok:
                         rec = record(oc)
                         if writer is not None:

@@ -42,6 +42,13 @@ from conslu.speculative import LabelDrafter, draft_tokens
 TIE_TOL = 1e-4  # compact-projection margins below this (relative) are re-checked with a full-vocabulary row
 
 
+def tie_tolerance(dtype: torch.dtype) -> float:
+    """The relative margin under which a compact projection is re-checked: ``TIE_TOL`` in fp32, four
+    units in the last place of a half-precision dtype (a gathered dot product and the full matmul
+    may round differently by a few of them)."""
+    return max(TIE_TOL, 4.0 * torch.finfo(dtype).eps)
+
+
 @lru_cache(maxsize=None)
 def cache_kwarg(cls: type) -> str:
     """The KV-cache argument of a transformers forward: ``cache`` (transformers >= 5.2x) or
@@ -135,6 +142,7 @@ class DecodingTask:
         self.enc = enc
         self.decoder = self.model.get_decoder() if self.fast else None
         self.weight = self.model.get_output_embeddings().weight
+        self.tie_tol = tie_tolerance(self.weight.dtype)
         self.cache: Any = None
         self.R = rows
         width = self.max_len + self.draft_len + 1  # the last column is a write sink
@@ -193,7 +201,7 @@ class DecodingTask:
         or still in the transcript, and for logical-form positions only the union U of their
         candidate ids (U ascending, so ties break the same way). A gathered dot product may differ
         from the full matmul in the last bits, so a position whose two best candidates are within
-        ``TIE_TOL`` (relative) is recomputed from its full row.
+        :func:`tie_tolerance` (relative, by dtype) is recomputed from its full row.
         """
         V, stats, sup_t = self.V, self.stats, self.sup_t
         if logits is not None:
@@ -234,7 +242,7 @@ class DecodingTask:
                 sc = F.linear(hc, weight.index_select(0, u)).float().masked_fill(~c.index_select(1, u), float("-inf"))
                 if u.numel() > 1:
                     top = sc.topk(2, dim=1).values
-                    near = torch.isfinite(top[:, 1]) & ((top[:, 0] - top[:, 1]) <= TIE_TOL * top[:, 0].abs().clamp(min=1.0))
+                    near = torch.isfinite(top[:, 1]) & ((top[:, 0] - top[:, 1]) <= self.tie_tol * top[:, 0].abs().clamp(min=1.0))
                 else:
                     near = torch.zeros(idx.numel(), dtype=torch.bool, device=h.device)
                 near |= ~torch.isfinite(sc.max(1).values)

@@ -247,3 +247,44 @@ def test_two_parts_quirk_and_empty_references_evaluate_end_to_end(fake, tmp_path
     assert "empty reference" in err and "Traceback" not in err
     files = [r["file"] for r in strip_timing(out_file)]
     assert sum("/test_1/alarm_test/" in f for f in files) == 3 and all(Path(f).is_file() for f in files)
+
+
+def test_sharded_evaluate_equals_one_process(tmp_path, capsys):
+    """`--devices 2` (two CPU processes, spawned) writes exactly the one-process predictions, in the
+    same order; a killed sharded run's part files are gathered by the next run."""
+    from slu_fixtures import tiny_conslu
+
+    rows = make_corpus(tmp_path / "stop", quirk=True, parts=2, empty_reference=3)
+    model_dir = tmp_path / "tiny-model"
+    tiny_conslu(0).save_pretrained(model_dir)
+    base = ["evaluate", "--data", str(tmp_path / "stop"), "--model", str(model_dir), "--batch-size", "3",
+            "--max-new-tokens", "24", "--device", "cpu", "--json"]
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    assert main([*base, "--out", str(one)]) == 0
+    first = json.loads(capsys.readouterr().out)
+    workers = tmp_path / "workers.jsonl"    # audio and log-mels in two DataLoader processes
+    assert main([*base, "--workers", "2", "--out", str(workers)]) == 0
+    capsys.readouterr()
+    assert strip_timing(workers) == strip_timing(one)
+    base_sharded = [a for a in base if a not in ("--device", "cpu")] + ["--accelerator", "cpu"]
+    assert main([*base_sharded, "--devices", "2", "--out", str(two)]) == 0
+    out, err = capsys.readouterr()
+    assert "12 items in 4 batches over 2 processes (cpu, cpu)" in err
+    assert strip_timing(two) == strip_timing(one) and len(strip_timing(one)) == len(rows) == 12
+    second = json.loads(out)
+    assert {k: second[k] for k in ("n", "em", "em_tree", "validity", "wer")} == \
+        {k: first[k] for k in ("n", "em", "em_tree", "validity", "wer")}
+    assert not list(tmp_path.glob(".two.jsonl.part*"))
+    # a killed sharded run: predictions left in part files, none in the output yet
+    lines = two.read_text().splitlines(keepends=True)
+    two.write_text("")
+    (tmp_path / ".two.jsonl.part0").write_text("".join(lines[0:3] + lines[6:9]))
+    (tmp_path / ".two.jsonl.part1").write_text("".join(lines[3:5]) + lines[5][:10])   # a cut-off last line
+    assert main([*base, "--out", str(two)]) == 0
+    err = capsys.readouterr().err
+    assert "gathered 8 predictions left by an interrupted sharded run" in err
+    assert [r["id"] for r in strip_timing(two)][:8] == [json.loads(x)["id"] for x in lines[:5] + lines[6:9]]
+    assert sorted(map(json.dumps, strip_timing(two))) == sorted(map(json.dumps, strip_timing(one)))
+    assert main([*base_sharded, "--devices", "0", "--out", str(two)]) == 2
+    assert main([*base, "--devices", "2", "--out", str(two)]) == 2   # --device with --devices
+    assert "--devices N use --accelerator" in capsys.readouterr().err

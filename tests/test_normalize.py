@@ -220,3 +220,19 @@ def test_fast_path_equals_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(N, "_FAST", False)
     slow = [normalize_example(u, t) for u, t in rows]
     assert fast == slow
+
+
+def test_normalize_command(capsys) -> None:
+    import json
+
+    from conslu.cli import main
+
+    assert main(["normalize", "She's in Naples, FL at 7:00", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == ["she 's in naples florida at seven"]
+    assert main(["normalize", "--report", "--json", "--topv2", str(TOPV2_SAMPLE)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["utterances"] > 0 and report["rules"]["clitic_s"] > 0
+    assert main(["normalize", "--topv2", str(TOPV2_SAMPLE / "nowhere.tsv")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "nowhere.tsv: no such file or folder" in err
+    assert main(["normalize"]) == 2

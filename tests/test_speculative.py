@@ -329,3 +329,25 @@ def test_closed_tree_ends_without_another_pass():
         assert seqs[b][-1] == tok.eos_token_id
     assert st["forced_eos"] == 2
     assert st["decoder_passes"] == max(len(s) for s in seqs) - len(tok.prefix_ids) - 1  # the eos took no pass
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("family", family_params())
+def test_speculative_equals_greedy_in_half_precision(family, dtype):
+    """Cast to bf16 / fp16, copy-speculative greedy still gives plain greedy's tokens in that dtype
+    (the compact projection's tie check is scaled to the dtype: conslu.search.tie_tolerance)."""
+    import copy
+
+    from conslu.search import TIE_TOL, tie_tolerance
+
+    tr = trained(family)
+    slu = copy.deepcopy(tr.slu).to(dtype=getattr(torch, dtype))
+    feats = tr.feats.to(getattr(torch, dtype))
+    opts = DecodingOptions(max_new_tokens=64, loop_guard=False)
+    st: dict = {}
+    spec = decode_tokens(slu, opts, input_features=feats, stats=st)
+    assert spec == decode_tokens(slu, opts.replace(speculative=False), input_features=feats)
+    assert st["accepted"] > 0
+    assert tie_tolerance(torch.float32) == TIE_TOL < tie_tolerance(torch.float16) < tie_tolerance(torch.bfloat16)
+    assert sum(generated(a, slu.tokenizer) == generated(b, slu.tokenizer) for a, b in
+               zip(spec, decode_tokens(tr.slu, opts, input_features=tr.feats))) >= len(PAIRS) // 2  # still the parses

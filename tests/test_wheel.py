@@ -97,6 +97,7 @@ def test_wheel_ships_package_data(site: Path) -> None:
     assert "conslu/grammars/topv2.json" in names
     demo = REPO / "conslu" / "assets" / "demo"
     assert {f"conslu/assets/demo/{f.name}" for f in demo.iterdir() if f.is_file()} <= names
+    assert {"conslu/web/index.html", "conslu/web/app.js"} <= names          # the page of `conslu serve`
     assert (site / "conslu" / "grammars" / "topv2.json").read_bytes() == \
         (REPO / "conslu" / "grammars" / "topv2.json").read_bytes()
 

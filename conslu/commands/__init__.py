@@ -43,6 +43,7 @@ MODULES: tuple[str, ...] = (
     "train",
     "evaluate",
     "demo",
+    "serve",
     "bench",
 )
 

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from conslu.decoding import DecodingOptions
 
-__all__ = ["add_model_argument", "add_batch_size_argument", "add_device_argument", "add_debug_argument",
+__all__ = ["add_model_argument", "add_batch_size_argument", "add_device_argument", "add_dtype_argument",
+           "add_debug_argument",
            "add_decoding_arguments", "decoding_options", "decoding_error", "slu_loader", "error", "usage_error",
            "quiet_transformers", "audio_context_value"]
 
@@ -30,7 +31,12 @@ def add_batch_size_argument(p: argparse.ArgumentParser) -> None:
 
 
 def add_device_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+
+
+def add_dtype_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="weights and activations at inference (bfloat16/float16: where the device supports them)")
 
 
 def add_debug_argument(p: argparse.ArgumentParser) -> None:
@@ -118,24 +124,12 @@ def quiet_transformers() -> None:
 
 
 def slu_loader(args: argparse.Namespace) -> tuple[Callable[[], Any], "DecodingOptions"]:
-    """(load, options) for parse and evaluate: ``load()`` loads the ConSLU folder of ``--model`` on
-    ``--device`` and checks that the decoding options suit it; it raises
-    :class:`conslu.runner.RunError` (exit 2) with one line otherwise."""
-    from conslu import parse
-    from conslu.runner import RunError
+    """(load, options) for parse and evaluate: ``load()`` (a picklable :class:`conslu.parse.Loader`)
+    loads the ConSLU folder of ``--model`` on ``--device`` in ``--dtype`` and checks that the
+    decoding options suit it; it raises :class:`conslu.runner.RunError` (exit 2) with one line
+    otherwise."""
+    from conslu.parse import Loader
 
     options = decoding_options(args)
-
-    def load() -> Any:
-        if not args.debug:
-            quiet_transformers()
-        try:
-            model = parse.load_model(args.model, args.device, args.audio_context)
-        except Exception as e:  # noqa: BLE001 - one clear line; the traceback on --debug
-            raise RunError(parse.model_error(args.model, e)) from e
-        err = parse.check_options(model, options)
-        if err:
-            raise RunError(err)
-        return model
-
-    return load, options
+    return Loader(args.model, options, args.device, args.audio_context, getattr(args, "dtype", "float32"),
+                  args.debug), options

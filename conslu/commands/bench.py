@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot-encoder", default=None, metavar="PNG",
                    help="also time the encoder at 2-30 s of audio (30 s windows and the audio context) and plot it")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--audio-cache", default=None, metavar="DIR",
+                   help="keep the spoken utterances in DIR and reuse them (a machine without espeak-ng reads them)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is steadier on a shared machine)")
 
@@ -49,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         torch.manual_seed(0)
         with tempfile.TemporaryDirectory(prefix="conslu-bench-") as tmp:
-            utts = [bench.Utterance(t, lf, bench.speak(t, Path(tmp))) for t, lf in bench.demo_examples(n_utts)]
+            where = Path(args.audio_cache) if args.audio_cache else Path(tmp)
+            where.mkdir(parents=True, exist_ok=True)
+            utts = [bench.Utterance(t, lf, bench.speak(t, where)) for t, lf in bench.demo_examples(n_utts)]
         slu, trained = bench.load_model(args.model, device)
         final_loss = None
         if not trained:

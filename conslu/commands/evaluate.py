@@ -16,6 +16,11 @@ and a rerun with other settings refuses to reuse the file. Default file:
 digits identify model path, data path, split, beam and constraints; not inside the model folder,
 which ``save_pretrained`` replaces as a whole).
 
+``--devices N`` shards the split over N processes (``--accelerator cuda``: one per GPU; on a CPU
+machine, processes sharing the cores); the predictions are gathered into the same file, equal to a
+one-process run's (:func:`conslu.runner.run_files`). ``--dtype bfloat16|float16``: half-precision
+inference where the device supports it.
+
 Scores (:func:`conslu.metrics.score`, validity against the model's grammar) cover the selected
 utterances only (``--domains``/``--limit``), one per recording (eval and test have two parts,
 ``*_0`` and ``*_1``), overall and per domain. Rows whose reference tree is empty or ``nan`` are left
@@ -31,10 +36,11 @@ import argparse
 import json
 import sys
 import traceback
+from functools import partial
 from pathlib import Path
 
 from conslu.commands._options import (add_batch_size_argument, add_debug_argument, add_decoding_arguments,
-                                      add_device_argument, add_model_argument, decoding_error, slu_loader,
+                                      add_device_argument, add_dtype_argument, add_model_argument, decoding_error, slu_loader,
                                       usage_error)
 
 NAME = "evaluate"
@@ -51,6 +57,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--domains", nargs="*", default=None)
     p.add_argument("--out", default=None, help="predictions JSONL, appended and resumed (default: runs/eval/<model-name>-<split>-<hash>.jsonl)")
     add_device_argument(p)
+    add_dtype_argument(p)
+    p.add_argument("--devices", type=int, default=1,
+                   help="shard the split over N processes (one per GPU with --accelerator cuda); the predictions "
+                        "file equals a one-process run's")
+    p.add_argument("--workers", type=int, default=0,
+                   help="DataLoader processes that read audio and compute log-mels ahead of decoding (0: one thread)")
+    p.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="with --devices N: the processes' device type (default: cuda when available)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--skip-bad", action="store_true")
     add_debug_argument(p)
@@ -70,6 +84,12 @@ def run(args: argparse.Namespace) -> int:
     err = decoding_error(args)
     if not err and args.limit is not None and args.limit < 0:
         err = f"--limit must be >= 0, got {args.limit}"
+    if not err and args.workers < 0:
+        err = f"--workers must be >= 0, got {args.workers}"
+    if not err and args.devices < 1:
+        err = f"--devices must be >= 1, got {args.devices}"
+    if not err and args.devices > 1 and args.device is not None:
+        err = "--device names one device; with --devices N use --accelerator cpu|cuda"
     if err:
         return usage_error(err)
     notes: list[str] = []
@@ -82,13 +102,14 @@ def run(args: argparse.Namespace) -> int:
         return usage_error(f"{args.data}: no utterances in split {args.split!r}"
                            f"{' for domains ' + ', '.join(args.domains) if args.domains else ''}")
     load, options = slu_loader(args)
-    settings = {**parse.decode_settings(args.model, options, args.audio_context), "data": str(Path(args.data).resolve()), "split": args.split}
+    settings = {**parse.decode_settings(args.model, options, args.audio_context, args.dtype), "data": str(Path(args.data).resolve()), "split": args.split}
     decoding = {k: v for k, v in settings.items() if k not in ("model", "model_fingerprint", "data", "split")}
     out = Path(args.out) if args.out else evaluate.default_output(args.model, args.data, args.split, decoding)
-    res = run_files(evaluate.items(rows), load, lambda model, audios: parse.decode(model, audios, options),
+    res = run_files(evaluate.items(rows), load, partial(parse.decode, options=options),
                     parse.record, batch_size=args.batch_size, out=out, key=lambda r: str(r["id"]), settings=settings,
                     debug=args.debug, progress=f"evaluate {args.split}", resumed="predictions already there, reused",
-                    noun="predictions")
+                    noun="predictions", devices=args.devices, accelerator=args.accelerator, prepare=parse.features,
+                    workers=args.workers)
     if res.code is not None:
         return res.code
     if res.model is not None:

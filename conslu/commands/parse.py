@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 
 from conslu.commands._options import (add_batch_size_argument, add_debug_argument, add_decoding_arguments,
-                                      add_device_argument, add_model_argument, decoding_error, slu_loader,
+                                      add_device_argument, add_dtype_argument, add_model_argument, decoding_error, slu_loader,
                                       usage_error)
 
 NAME = "parse"
@@ -46,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_batch_size_argument(p)
     p.add_argument("--out", default=None, help="write JSON lines here (appends, skips files already done)")
     add_device_argument(p)
+    add_dtype_argument(p)
     add_debug_argument(p)
 
 
@@ -58,9 +60,9 @@ def run(args: argparse.Namespace) -> int:
         return usage_error(err)
     items = parse.file_items(args.files)
     load, options = slu_loader(args)
-    res = run_files(items, load, lambda model, audios: parse.decode(model, audios, options), parse.record,
+    res = run_files(items, load, partial(parse.decode, options=options), parse.record, prepare=parse.features,
                     batch_size=args.batch_size, out=args.out, key=lambda r: parse.file_key(str(r["file"])),
-                    settings=parse.decode_settings(args.model, options, args.audio_context) if args.out else None,
+                    settings=parse.decode_settings(args.model, options, args.audio_context, args.dtype) if args.out else None,
                     debug=args.debug, progress="parse", resumed="files already done, skipped", noun="results")
     if res.code is not None:
         return res.code

@@ -30,7 +30,10 @@ class SLUDataModule(pl.LightningDataModule):
         data_dir: STOP root (``manifests/*.tsv`` + audio), official or made by ``conslu synth``.
         train_split / val_split: manifest names (``train``, ``eval``, ``test``).
         domains: keep only these domains (all when None).
-        limit_train / limit_val: at most this many examples (after the domain filter).
+        limit_train: at most this many training examples (the first, after the domain filter).
+        limit_val: validate on this many examples, spread evenly over the split (a fixed subset
+            covering every domain); with ``trainer.val_check_interval: N`` (and
+            ``trainer.check_val_every_n_epoch: null``) that subset is decoded every N steps.
         batch_size: per device; the effective batch is batch_size x devices x accumulate_grad_batches.
         val_batch_size: decoding batch size (default: batch_size).
         bucket_size: batches per length bucket (1 = sort each batch alone, i.e. no bucketing effect).
@@ -95,11 +98,13 @@ class SLUDataModule(pl.LightningDataModule):
         self.skipped_audio: dict[str, int] = {}
 
     # -- reading -----------------------------------------------------------------------------
-    def _read(self, split: str, limit: int | None) -> list[dict]:
+    def _read(self, split: str, limit: int | None, spread: bool = False) -> list[dict]:
         skipped: list[str] = []
         notes: list[str] = []
-        ds = read_stop(self.data_dir, split, domains=self.domains, limit=limit, skip_bad=self.skip_bad,
-                       skipped=skipped, notes=notes)
+        ds = read_stop(self.data_dir, split, domains=self.domains, limit=None if spread else limit,
+                       skip_bad=self.skip_bad, skipped=skipped, notes=notes)
+        if spread and limit is not None and limit < len(ds):
+            ds = ds.select([(i * len(ds)) // limit for i in range(limit)])
         report_skipped(split, skipped)
         report_notes(notes)
         rows = ds.to_list() if hasattr(ds, "to_list") else list(ds)
@@ -114,7 +119,7 @@ class SLUDataModule(pl.LightningDataModule):
         if stage in (None, "fit") and self.train_rows is None:
             self.train_rows = self._read(self.train_split, self.limit_train)
         if stage in (None, "fit", "validate") and self.val_rows is None:
-            self.val_rows = self._read(self.val_split, self.limit_val)
+            self.val_rows = self._read(self.val_split, self.limit_val, spread=True)
 
     def train_logical_forms(self) -> list[str]:
         """Logical forms of the training split (for a grammar extracted from the training data)."""

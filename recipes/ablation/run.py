@@ -157,7 +157,7 @@ def plot_curves(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from conslu.bench import save_png
+    from conslu.bench import save_plot
 
     fig, ax = plt.subplots(figsize=(6, 3.8), dpi=100)
     short = {"conslu": "(1) ConSLU", "plain_loss": "(2) plain loss", "no_constraints": "(3) no constraints",
@@ -166,12 +166,8 @@ def plot_curves(report: dict, path: Path) -> None:
         points = report.get("curves", {}).get(name)
         if points:
             ax.plot([p["step"] for p in points], [100 * p["em"] for p in points], "o-", label=short.get(name, name))
-    ax.set_xlabel("training step")
-    ax.set_ylabel("EM on eval (%), greedy")
-    ax.set_title(f"ablation: {report.get('config', {}).get('n_train', '?')} training utterances", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    save_png(fig, path)
+    save_plot(fig, ax, path, "training step", "EM on eval (%), greedy",
+              f"ablation: {report.get('config', {}).get('n_train', '?')} training utterances")
 
 
 # ---------------------------------------------------------------------------------------------
