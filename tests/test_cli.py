@@ -160,3 +160,32 @@ def test_run_files_stdout_and_resumable_output(tmp_path, capsys):
     assert res.todo == 0 and len(loads) == 3  # nothing left: not loaded
     res = run_files(items, load, decode, record, out=out, key=lambda r: r["file"], settings={"a": 2})
     assert res.code == 2 and "made with other settings (a: 1 -> 2)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cuda, keep_env, expected", [
+    (True, "0", "keep the installed torch 9.9.9+cu999 (CUDA is available)"),
+    (False, "0", "install torch==2.14.1 torchaudio==2.11.0"),
+    (None, "0", "install torch==2.14.1 torchaudio==2.11.0"),          # no torch at all
+    (False, "1", "keep the installed torch (CONSLU_KEEP_TORCH=1)"),
+])
+def test_setup_keeps_a_torch_that_sees_a_gpu(tmp_path, cuda, keep_env, expected):
+    """setup.sh's torch decision (conslu/torch_choice.py, fed to python on stdin as setup.sh does)
+    in a fake environment: a torch whose CUDA is available is kept, else the CPU pair is installed."""
+    import os
+    import subprocess
+    import sys
+
+    fake = tmp_path / "site" / "torch"
+    fake.mkdir(parents=True)
+    if cuda is None:
+        (fake / "__init__.py").write_text("raise ImportError('no torch here')\n")
+    else:
+        (fake / "__init__.py").write_text(
+            f"__version__ = '9.9.9+cu999'\nclass cuda:\n    @staticmethod\n    def is_available():\n        return {cuda}\n")
+    repo = Path(__file__).resolve().parents[1]
+    script = repo / "conslu" / "torch_choice.py"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "CONSLU_KEEP_TORCH": keep_env}
+    with open(script, encoding="utf-8") as stdin:
+        out = subprocess.run([sys.executable, "-"], stdin=stdin, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
+    assert "conslu/torch_choice.py" in (repo / "setup.sh").read_text()
