@@ -463,6 +463,8 @@ def _run_sharded(todo: list[Item], res: RunResult, load: Any, decode: Callable, 
         except (OSError, ValueError):
             res.code = res.code or 1
             continue
+        finally:
+            Path(sh.part + ".json").unlink(missing_ok=True)
         res.failed += int(summary.get("failed", 0))
         if summary.get("code") is not None:
             res.code = res.code or int(summary["code"])
