@@ -266,6 +266,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _shown(path: Path) -> str:
+    """A path as the report shows it: relative to the repository when inside it."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -313,7 +321,7 @@ def run(args: argparse.Namespace) -> dict:
             _log(f"ablation: {out / 'ablation.json'} holds a run with other settings; starting a new report")
         report = {"key": key, "variants": {}}
     report["config"] = {"domains": domains, "train_per_domain": n_train, "eval_per_domain": n_eval,
-                        "seed": args.seed, "smoke": smoke, "config": str(config), "extra": extra,
+                        "seed": args.seed, "smoke": smoke, "config": _shown(config), "extra": extra,
                         "curve_every": curve_every}
     report["paper"] = {"model": "whisper-base", "split": "STOP test", "figures": PAPER, "notes": PAPER_NOTES}
     report["machine"] = machine_info()
