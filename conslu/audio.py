@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 import struct
 import warnings
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np

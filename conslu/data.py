@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from conslu.atomic import atomic_write_text
-from conslu.logical_form import MalformedTreeError, Tree, parse_tree, words as tree_words
+from conslu.logical_form import MalformedTreeError, Tree, is_empty_tree, parse_tree, words as tree_words
 from conslu.normalize import is_subsequence, normalize_example
 
 __all__ = [
     "COLUMNS", "STOP_COLUMNS", "TOPV2_COLUMNS", "SPLITS", "DataError",
     "read_topv2", "read_stop", "read_any", "stop_row", "write_manifest", "topv2_split",
-    "stop_manifests", "open_table", "EMPTY_REFERENCES",
+    "stop_manifests", "open_table", "spread",
 ]
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,16 @@ SPLITS = ("train", "eval", "test")
 _STOP_REQUIRED = ["file_id", "domain", "normalized_utterance", "decoupled_normalized_seqlogical"]
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+def spread(n: int, limit: int | None) -> list[int]:
+    """Indices of ``limit`` rows spread evenly over ``n`` (all of them when limit is None or >= n):
+    rows ``floor(i * n / limit)``, so every part of an ordered file (each domain) is represented."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    if limit <= 0:
+        return []
+    return [(i * n) // limit for i in range(limit)]
 
 
 class DataError(ValueError):
@@ -255,13 +265,10 @@ def _audio_candidates(root: Path, file_id: str, split: str) -> list[Path]:
     return out
 
 
-EMPTY_REFERENCES = ("", "nan")   # what real releases hold where a row has no decoupled tree
-
-
 def _part_folder(root: Path, file_id: str, known: dict[str, bool]) -> Optional[Path]:
     """The recording part folder (``root/eval_1``) of a file_id when it does not exist, else None."""
-    head = file_id.replace("\\", "/").split("/", 1)[0]
-    if "/" not in file_id.replace("\\", "/"):
+    head, sep, _ = file_id.replace("\\", "/").partition("/")
+    if not sep:
         return None
     if head not in known:
         known[head] = (root / head).is_dir()
@@ -287,7 +294,7 @@ def _read_stop_manifest(manifest: Path, split: str, root: Path, col: _Collector,
         if not file_id:
             col.bad(f"{where}: empty file_id")
             continue
-        if fields[idx[ref_column]].strip().lower() in EMPTY_REFERENCES:
+        if is_empty_tree(fields[idx[ref_column]]):
             col.empty.setdefault(str(manifest), []).append(file_id)
             continue
         missing_part = _part_folder(root, file_id, parts)
@@ -309,17 +316,13 @@ def _read_stop_manifest(manifest: Path, split: str, root: Path, col: _Collector,
             column = "seqlogical" if computed else "decoupled_normalized_seqlogical"
             col.bad(f"{where}: {column}: {e}")
             continue
-        audio: Optional[str] = None
         candidates = _audio_candidates(root, file_id, split)
-        if check_audio:
-            found = next((c for c in candidates if c.is_file()), None)
-            if found is None:
-                tried = " or ".join(str(c) for c in candidates)
-                col.bad(f"{where}: audio file not found: {tried}")
-                continue
-            audio = str(found.resolve())
-        else:
-            audio = str(candidates[0].resolve())
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None and check_audio:
+            tried = " or ".join(str(c) for c in candidates)
+            col.bad(f"{where}: audio file not found: {tried}")
+            continue
+        audio = str((found or candidates[0]).resolve())
         if not is_subsequence(tree_words(lf), transcript.split()):
             log.debug("%s: slot words not a subsequence of the transcript", where)
         col.add({"id": file_id, "domain": domain, "audio": audio, "transcript": transcript,
@@ -344,8 +347,8 @@ def read_stop(root_or_manifest: PathLike, split: Optional[Union[str, Sequence[st
     ``split``: for a folder, the split(s) to read (default: every manifest present); for a
     manifest file, the split name (default: the file's stem, e.g. ``eval``). Audio paths are
     ``root/file_id``, or the variant without the part suffix (``eval_0/alarm_eval_0/x.wav`` is
-    found at ``eval_0/alarm_eval/x.wav``). With ``check_audio=False`` the path as given is kept
-    without looking at the disk. Manifests without the normalised columns but with utterance
+    found at ``eval_0/alarm_eval/x.wav``). With ``check_audio=False`` a row whose file is at neither
+    is kept with the path as given (its utterance fails alone where it is decoded). Manifests without the normalised columns but with utterance
     and seqlogical are normalised here.
     """
     path = Path(root_or_manifest)

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
 from pathlib import Path
 from typing import Callable
 
 from conslu.parse import directory_error
 from conslu.runner import Item
 
-__all__ = ["EVAL_DIR", "default_output", "resolve_audio", "read_split", "items", "references"]
+__all__ = ["EVAL_DIR", "default_output", "read_split", "items", "references"]
 
 EVAL_DIR = Path("runs") / "eval"
 
@@ -31,28 +29,15 @@ def default_output(model: str, data: str, split: str, decoding: dict) -> Path:
     return EVAL_DIR / f"{name}-{split}-{digest}.jsonl"
 
 
-_PART_SUFFIX = re.compile(r"_(train|eval|test|valid|dev)_\d+$")
-
-
-def resolve_audio(path: str | None) -> str | None:
-    """The STOP release quirk (stop-format.md): a ``<domain>_<split>_<part>`` folder in a file_id is
-    really ``<domain>_<split>``; use that variant when the path as given does not exist."""
-    if not path or os.path.exists(path):
-        return path
-    p = Path(path)
-    variant = p.parent.with_name(_PART_SUFFIX.sub(r"_\1", p.parent.name)) / p.name
-    return str(variant) if variant != p and variant.exists() else path
-
-
 def read_split(data: str, split: str, *, domains: list[str] | None = None, limit: int | None = None,
                skip_bad: bool = False, warn: Callable[[str], None] = lambda msg: None,
                notes: list[str] | None = None) -> list[dict]:
-    """The rows of one split (:func:`conslu.data.read_stop`: every recording, both parts), audio
-    paths resolved. A missing audio file is not an error here (that utterance fails alone, scored
+    """The rows of one split (:func:`conslu.data.read_stop`: every recording, both parts, the
+    folder quirk resolved). A missing audio file is not an error here (that utterance fails alone, scored
     as wrong; a missing part folder is said once). Rows with an empty reference are skipped and
     said on ``warn`` (and appended to ``notes``). With ``skip_bad`` bad manifest rows are left out
     and reported on ``warn``. Raises ValueError (``DataError``) for unusable data, including an id
-    that occurs twice."""
+    that occurs twice (:func:`conslu.data.read_stop` refuses it)."""
     from conslu.data import read_stop
 
     skipped: list[str] = []
@@ -67,16 +52,7 @@ def read_split(data: str, split: str, *, domains: list[str] | None = None, limit
         warn(f"conslu: skipped {msg}")
     if skipped:
         warn(f"conslu: {len(skipped)} bad manifest row(s) skipped (not scored)")
-    rows = [dict(r) for r in ds]
-    for r in rows:
-        r["audio"] = resolve_audio(r.get("audio"))
-    seen: set[str] = set()
-    for r in rows:
-        key = str(r["id"])
-        if key in seen:
-            raise ValueError(f"{data}: split {split!r} has the id {key!r} twice")
-        seen.add(key)
-    return rows
+    return [dict(r) for r in ds]
 
 
 def items(rows: list[dict]) -> list[Item]:

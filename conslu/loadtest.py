@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Sequence
 from urllib.parse import urlparse
 
-__all__ = ["run_load", "main"]
+__all__ = ["run_load", "free_port", "main"]
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -82,7 +82,8 @@ async def run_load(url: str, bodies: Sequence[bytes], *, clients: int = 8, reque
             "mean_batch_size": round(statistics.mean(batch_sizes), 2) if batch_sizes else None}
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback address."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -125,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     url = args.url
     try:
         if args.model:
-            port = _free_port()
+            port = free_port()
             url = f"http://127.0.0.1:{port}"
             cmd = [sys.executable, "-m", "conslu", "serve", "--model", args.model, "--port", str(port),
                    "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]

@@ -20,6 +20,15 @@ INTENT_PREFIX = "IN:"
 SLOT_PREFIX = "SL:"
 
 # One lexical item: an opening bracket with its (possibly empty) label, a closing bracket, or a word.
+# what real STOP releases hold where a row has no decoupled tree (it cannot be scored or learnt from)
+_EMPTY_TREES = ("", "nan")
+
+
+def is_empty_tree(text: object) -> bool:
+    """An empty (or ``nan``) reference tree, as some rows of real STOP releases have."""
+    return not isinstance(text, str) or text.strip().lower() in _EMPTY_TREES
+
+
 _LEX = re.compile(r"\[\s*([^\s\[\]]*)|\]|[^\s\[\]]+")
 _LABEL_NAME = re.compile(r"[^\s\[\]:]+(?::[^\s\[\]:]+)*")
 

@@ -36,7 +36,7 @@ import jiwer
 
 from conslu.grammar import Grammar
 from conslu.jsonl import JSONLError, iter_jsonl
-from conslu.logical_form import MalformedTreeError, is_well_formed, parse_tree, tokens
+from conslu.logical_form import MalformedTreeError, is_empty_tree, is_well_formed, parse_tree, tokens
 
 FIRST_IDS = 10  # how many missing/ignored ids are listed
 
@@ -71,9 +71,6 @@ def _lf(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-def is_empty_reference(value: Any) -> bool:
-    """An empty (or ``nan``) reference tree, which cannot be scored."""
-    return _lf(value).strip().lower() in ("", "nan")
 
 
 def _summary(rows: list[dict]) -> dict:
@@ -135,7 +132,7 @@ def score(refs: list[dict], hyps: list[dict], grammar: Grammar | None = None) ->
         raise ScoreError("no references to score")
     rows: list[dict] = []
     missing: list[str] = []
-    empty = [key for key, ref in ref_by_id.items() if is_empty_reference(ref.get("logical_form"))]
+    empty = [key for key, ref in ref_by_id.items() if is_empty_tree(ref.get("logical_form"))]
     for key in empty:
         del ref_by_id[key]
     if not ref_by_id:
@@ -191,7 +188,7 @@ def read_jsonl(path: str | Path, *, reference: bool) -> list[dict]:
                 raise ScoreError(f"{path}:{lineno}: reference needs a string \"{key}\"")
             if not reference and value is not None and not isinstance(value, str):
                 raise ScoreError(f"{path}:{lineno}: \"{key}\" must be a string or null")
-        if reference and not is_empty_reference(item["logical_form"]):
+        if reference and not is_empty_tree(item["logical_form"]):
             try:
                 parse_tree(item["logical_form"])
             except MalformedTreeError as e:

@@ -228,8 +228,9 @@ _ABBREVIATIONS = {"dr": "doctor", "mr": "mister", "mrs": "missus", "ave": "avenu
                   "jr": "junior", "sr": "senior", "vs": "versus", "apt": "apartment",
                   "etc": "etcetera", "rd": "road", "sept": "september"}
 # spelled out with or without a full stop (other abbreviations need the stop: "dr" may be "drive")
-_BARE_ABBREVIATIONS = {"rd": "road", "blvd": "boulevard", "hwy": "highway", "sept": "september",
-                       "ave": "avenue", "st": None}
+_BARE_ABBREVIATIONS = frozenset({"rd", "blvd", "hwy", "sept", "ave", "st"})
+# every abbreviation spelled out after a full stop ("st." is street or saint by the next word)
+_STOP_ABBREVIATIONS = "|".join(sorted({*_ABBREVIATIONS, "st"}, key=lambda w: (-len(w), w)))
 _INFORMAL = {"tonite": "tonight", "nite": "night", "2nite": "tonight"}
 _STATES = {"AL": "alabama", "AK": "alaska", "AZ": "arizona", "AR": "arkansas", "CA": "california",
            "CO": "colorado", "CT": "connecticut", "DE": "delaware", "FL": "florida", "GA": "georgia",
@@ -498,7 +499,7 @@ def _h_word(m: "re.Match[str]", text: str) -> Optional[list[Span]]:
         return [(_INFORMAL[w], start, end)]
     if w in _BARE_ABBREVIATIONS and not raw.isupper():
         _fire("abbreviation")
-        full = _BARE_ABBREVIATIONS[w] or _street_or_saint(text, end)
+        full = _street_or_saint(text, end) if w == "st" else _ABBREVIATIONS[w]
         return [(full, start, end)]
     clitic: list[Span] = []
     if len(w) > 2 and w.endswith("'s"):                 # TOP-style clitic: she's -> she 's
@@ -554,7 +555,7 @@ _MONTH_NAMES = "|".join(sorted(set(_MONTHS) | set(_MONTH_ABBR), key=len, reverse
 _LETTER_RULES: list[tuple["re.Pattern[str]", _Handler]] = [
     (re.compile(r"(?P<ap>[ap])\.\s?m\b\.?", _I), _h_ampm_abbr),
     (re.compile(r"[^\W\d_](?:\.[^\W\d_])+\.?(?![^\W\d_])"), _h_initialism),
-    (re.compile(r"(?P<w>st|dr|mr|mrs|ave|blvd|hwy|mt|ft|jr|sr|vs|apt|etc|rd|sept)\.", _I), _h_abbrev),
+    (re.compile(r"(?P<w>" + _STOP_ABBREVIATIONS + r")\.", _I), _h_abbrev),
     (re.compile(r"(?P<l>[^\W\d_]{1,3})(?P<d>\d{1,2})(?![\w'’])"), _h_letters_digits),
     (re.compile(r"(?P<mon>" + _MONTH_NAMES + r")\.?\s?(?P<d>\d{1,2})"
                 r"(?:\s?(?P<dash>[-–])\s?(?P<d2>\d{1,2}))?(?![\d:.,]\d|\s?(?:[ap]\.?\s?m\b|%|°)|st|nd|rd|th|\d)",
@@ -727,7 +728,7 @@ def _assign_aligned(utterance: str, tokens: list[str], spans: list[Span],
 
 
 _PLAIN_UTTERANCE = re.compile(r"[A-Za-z\s.,?!;:\"()-]*")
-_NOT_PLAIN = re.compile(r"[A-Za-z]\.[A-Za-z]|\b[ap]\.\s?m\b|\b(?:st|dr|mr|mrs|ave|blvd|hwy|mt|ft|jr|sr|vs|apt|etc|rd|sept)\."
+_NOT_PLAIN = re.compile(r"[A-Za-z]\.[A-Za-z]|\b[ap]\.\s?m\b|\b(?:" + _STOP_ABBREVIATIONS + r")\."
                         r"|\b(?:" + "|".join(sorted(set(_BARE_ABBREVIATIONS) | set(_INFORMAL))) + r")\b", re.I)
 _CODES = re.compile(r"\b[A-Z]{2,3}\b")
 _LETTERS = re.compile(r"[A-Za-z]+")

@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
-
-from dataclasses import dataclass, replace
-
-import numpy as np
 
 from conslu.runner import Item, Outcome
 
@@ -53,8 +50,7 @@ def load_model(path: str, device: str | None = None, audio_context: float | None
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = _dtype(dtype, device)
-    slu = ConSLU.from_pretrained(path)
-    slu = slu.to(device) if dtype == "float32" else slu.to(device, torch_dtype)
+    slu = ConSLU.from_pretrained(path).to(device, None if dtype == "float32" else torch_dtype)
     if audio_context != "model":
         slu.audio_context = audio_context
     return slu

@@ -330,6 +330,36 @@ def _print(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
+def _load_model(load: Callable[[], Any], debug: bool) -> Any:
+    """``load()``; a :class:`RunError` is reported (its cause's traceback too under ``debug``) and raised."""
+    try:
+        return load()
+    except RunError as e:
+        if debug and e.__cause__ is not None:
+            traceback.print_exception(e.__cause__)
+        _print(f"conslu: {e}")
+        raise
+
+
+def _decode_into(model: Any, todo: list[Item], decode: Callable, record: Callable[[Outcome], dict],
+                 emit: Callable[[dict], None], *, batch_size: int, loader: Callable | None, prepare: Callable | None,
+                 workers: int, debug: bool, desc: str | None) -> tuple[int, DecodeError | None]:
+    """Decode ``todo`` with ``model`` and ``emit(record(outcome))`` for each readable item, reporting
+    the others; returns (items that could not be read, the DecodeError that stopped it or None)."""
+    report = Reporter(len(todo), debug=debug, desc=desc)
+    try:
+        for oc in run_batches(lambda batch: decode(model, batch), todo, batch_size=batch_size, loader=loader,
+                              prepare=None if prepare is None else prepare(model), workers=workers):
+            if oc.ok:
+                emit(record(oc))
+            report.outcome(oc)
+    except DecodeError as e:
+        return report.failed, e
+    finally:
+        report.close()
+    return report.failed, None
+
+
 def part_paths(out: str | os.PathLike) -> list[Path]:
     """The part files of a sharded run on ``out`` (``.OUT.part<rank>``) that exist, by rank."""
     p = Path(out)
@@ -352,9 +382,11 @@ def _gather_parts(writer: ResumableWriter, out: str | os.PathLike, key: Callable
         for rec in part.records:
             found.setdefault(key(rec), rec)
     before = writer.written
-    for k in [*order, *[k for k in found if k not in set(order)]]:
+    for k in order:
         if k in found:
             writer.write(found.pop(k))
+    for rec in found.values():  # keys outside ``order``, as found
+        writer.write(rec)
     for q in parts:
         q.unlink(missing_ok=True)
         Path(str(q) + ".json").unlink(missing_ok=True)
@@ -391,32 +423,23 @@ def _run_shard(rank: int, shards: list[_Shard]) -> None:
     torch.set_num_threads(sh.threads)
     summary: dict[str, Any] = {"failed": 0, "code": None}
     try:
-        load = sh.load.on(sh.device) if hasattr(sh.load, "on") else sh.load
         try:
-            model = load()
+            model = _load_model(sh.load.on(sh.device) if hasattr(sh.load, "on") else sh.load, sh.debug)
         except RunError as e:
-            if sh.debug and e.__cause__ is not None:
-                traceback.print_exception(e.__cause__)
-            _print(f"conslu: {e}")
             summary["code"] = e.code
             return
-        desc = f"{sh.progress} [{sh.world} processes]" if sh.progress and rank == 0 else None
-        report = Reporter(len(sh.items), debug=sh.debug, desc=desc)
-        try:
-            with open(sh.part, "a", encoding="utf-8") as f:
-                for oc in run_batches(lambda batch: sh.decode(model, batch), sh.items, batch_size=sh.batch_size,
-                                      loader=sh.loader, prepare=None if sh.prepare is None else sh.prepare(model),
-                                      workers=sh.workers):
-                    if oc.ok:
-                        f.write(dumps(sh.record(oc)) + "\n")
-                        f.flush()
-                    report.outcome(oc)
-        except DecodeError as e:
-            report.close()
-            summary["code"] = report_decode_error(e, sh.debug, None, None, "")
-        finally:
-            report.close()
-            summary["failed"] = report.failed
+        with open(sh.part, "a", encoding="utf-8") as f:
+
+            def emit(rec: dict) -> None:
+                f.write(dumps(rec) + "\n")
+                f.flush()
+
+            summary["failed"], err = _decode_into(
+                model, sh.items, sh.decode, sh.record, emit, batch_size=sh.batch_size, loader=sh.loader,
+                prepare=sh.prepare, workers=sh.workers, debug=sh.debug,
+                desc=f"{sh.progress} [{sh.world} processes]" if sh.progress and rank == 0 else None)
+        if err is not None:
+            summary["code"] = report_decode_error(err, sh.debug, None, None, "")
     finally:
         atomic_write_json(Path(sh.part + ".json"), summary)
 
@@ -527,35 +550,25 @@ def run_files(items: Sequence[Item], load: Callable[[], Any], decode: Callable[[
             return res
         if todo:
             try:
-                model = load()
+                model = _load_model(load, debug)
             except RunError as e:
-                if debug and e.__cause__ is not None:
-                    traceback.print_exception(e.__cause__)
-                _print(f"conslu: {e}")
                 res.code = e.code
                 return res
             res.model = model
-            report = Reporter(len(todo), debug=debug, desc=progress)
-            try:
-                for oc in run_batches(lambda batch: decode(model, batch), todo, batch_size=batch_size,
-                                      loader=loader, prepare=None if prepare is None else prepare(model),
-                                      workers=workers):
-                    if oc.ok:
-                        rec = record(oc)
-                        if writer is not None:
-                            writer.write(rec)
-                        else:
-                            print(dumps(rec), flush=True)
-                            res.records.append(rec)
-                            res.written += 1
-                    report.outcome(oc)
-            except DecodeError as e:
-                report.close()
-                res.code = report_decode_error(e, debug, None if writer is None else writer.written, out, noun)
+
+            def emit(rec: dict) -> None:
+                if writer is not None:
+                    writer.write(rec)
+                else:
+                    print(dumps(rec), flush=True)
+                    res.records.append(rec)
+                    res.written += 1
+
+            res.failed, err = _decode_into(model, todo, decode, record, emit, batch_size=batch_size, loader=loader,
+                                           prepare=prepare, workers=workers, debug=debug, desc=progress)
+            if err is not None:
+                res.code = report_decode_error(err, debug, None if writer is None else writer.written, out, noun)
                 return res
-            finally:
-                report.close()
-                res.failed = report.failed
     finally:
         if writer is not None:
             writer.close()

@@ -57,7 +57,7 @@ from conslu.atomic import atomic_write_text
 
 __all__ = [
     "DEFAULT_VOICES", "RATE_RANGE", "PITCH_RANGE", "SPLITS", "SynthError", "Utterance", "Speaker",
-    "file_id_for", "audio_path_for", "choose_speaker", "voice_gender", "speak", "render", "spread",
+    "file_id_for", "audio_path_for", "choose_speaker", "voice_gender", "speak", "render",
     "synthesize",
 ]
 
@@ -240,15 +240,6 @@ def render(path: Path, text: str, speaker: Speaker, *, noise_snr: float | None =
 
 # ----------------------------------------------------------------------------- inputs
 
-def spread(n: int, limit: int | None) -> list[int]:
-    """Indices of ``limit`` rows spread evenly over ``n`` (all of them when limit is None or >= n)."""
-    if limit is None or limit >= n:
-        return list(range(n))
-    if limit <= 0:
-        return []
-    return [(i * n) // limit for i in range(limit)]
-
-
 def _split_of_topv2(path: Path) -> str:
     stem = path.stem.lower()
     for split in SPLITS:
@@ -423,7 +414,7 @@ def synthesize(utterances: Sequence[Utterance], out: str | os.PathLike, *, seed:
                bad_rows: Sequence[str] = ()) -> SynthResult:
     """Write the STOP-layout corpus for ``utterances`` under ``out`` (see the module docstring).
     ``noise_snr``: one SNR in dB for every utterance, or several (None: clean) drawn per utterance."""
-    from conslu.data import stop_row, write_manifest
+    from conslu.data import spread, stop_row, write_manifest
 
     t0 = time.perf_counter()
     voices = tuple(voices) if voices else DEFAULT_VOICES

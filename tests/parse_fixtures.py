@@ -35,8 +35,9 @@ class FakeModel:
         self.calls: list[dict] = []
         self.grammar = grammar
 
-    def to(self, device):
+    def to(self, device=None, dtype=None):
         self.device = device
+        self.dtype = dtype
         return self
 
     def check(self, options):

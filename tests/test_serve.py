@@ -4,10 +4,7 @@ concurrent clients, and the page in a real headless browser."""
 from __future__ import annotations
 
 import asyncio
-import io
-import json
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -150,19 +147,15 @@ def test_a_failing_model_is_a_500_json_and_the_next_request_works(tmp_path) -> N
 # a real server on loopback
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """uvicorn serving ``app`` on a free loopback port in a thread (the test's own process)."""
 
     def __init__(self, app) -> None:
         import uvicorn
 
-        self.port = _free_port()
+        from conslu.loadtest import free_port
+
+        self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -17,7 +17,8 @@ import soundfile as sf
 
 from conslu import synth
 from conslu.cli import main
-from conslu.synth import Speaker, choose_speaker, file_id_for, audio_path_for, spread, voice_gender
+from conslu.data import spread
+from conslu.synth import Speaker, choose_speaker, file_id_for, audio_path_for, voice_gender
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
 

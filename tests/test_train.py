@@ -563,7 +563,9 @@ def test_two_process_ddp_from_an_empty_model_cache(tmp_path: Path) -> None:
     logged = info["metrics"]
     # the same 5 rows (spread over the eval split), one process, the validation decoder's settings
     rows = [r.split("\t")[0] for r in (data / "manifests" / "eval.tsv").read_text().splitlines()[1:]]
-    pick = [rows[(i * len(rows)) // 5] for i in range(5)]
+    from conslu.data import spread
+
+    pick = [rows[i] for i in spread(len(rows), 5)]
     sub = tmp_path / "sub"
     (sub / "manifests").mkdir(parents=True)
     lines = (data / "manifests" / "eval.tsv").read_text().splitlines()

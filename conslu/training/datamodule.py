@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
 from conslu.context import context_seconds
-from conslu.data import DataError, read_stop
+from conslu.data import DataError, read_stop, spread
 from conslu.training.data import SLUCollator, SLUExamples, TargetCollator
 from conslu.training.rows import (audio_paths, report_notes, report_skipped, row_location, target_length,
                                   unlearnable_rows, usable_audio)
@@ -94,23 +94,20 @@ class SLUDataModule(pl.LightningDataModule):
         self._rows_checked = False
         #: an EncoderCache holding every row's encoder output (None: load audio, compute log-mels)
         self.encoder_cache: Any = None
-        #: rows left out per split because their audio cannot be used
-        self.skipped_audio: dict[str, int] = {}
 
     # -- reading -----------------------------------------------------------------------------
-    def _read(self, split: str, limit: int | None, spread: bool = False) -> list[dict]:
+    def _read(self, split: str, limit: int | None, evenly: bool = False) -> list[dict]:
         skipped: list[str] = []
         notes: list[str] = []
-        ds = read_stop(self.data_dir, split, domains=self.domains, limit=None if spread else limit,
+        ds = read_stop(self.data_dir, split, domains=self.domains, limit=None if evenly else limit,
                        skip_bad=self.skip_bad, skipped=skipped, notes=notes)
-        if spread and limit is not None and limit < len(ds):
-            ds = ds.select([(i * len(ds)) // limit for i in range(limit)])
+        if evenly and limit is not None and limit < len(ds):
+            ds = ds.select(spread(len(ds), limit))
         report_skipped(split, skipped)
         report_notes(notes)
         rows = ds.to_list() if hasattr(ds, "to_list") else list(ds)
         rows, unusable = usable_audio(rows, self.max_audio_seconds)
         report_skipped(split, unusable, what="unusable audio")
-        self.skipped_audio[split] = len(unusable)
         if not rows:
             raise ValueError(f"{self.data_dir}: no {split!r} examples (domains={self.domains})")
         return rows
@@ -119,7 +116,7 @@ class SLUDataModule(pl.LightningDataModule):
         if stage in (None, "fit") and self.train_rows is None:
             self.train_rows = self._read(self.train_split, self.limit_train)
         if stage in (None, "fit", "validate") and self.val_rows is None:
-            self.val_rows = self._read(self.val_split, self.limit_val, spread=True)
+            self.val_rows = self._read(self.val_split, self.limit_val, evenly=True)
 
     def train_logical_forms(self) -> list[str]:
         """Logical forms of the training split (for a grammar extracted from the training data)."""

@@ -47,6 +47,7 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
 
 from conslu.atomic import atomic_write_text  # noqa: E402
 from conslu.context import DEFAULT_BUCKET_SECONDS  # noqa: E402
+from conslu.data import spread  # noqa: E402
 from conslu.decoding import DecodingOptions  # noqa: E402
 from conslu.demo import evaluate_cached, fit, machine_info, read_rows, synth_corpus  # noqa: E402
 from conslu.features import base_encoder, encoder_cache, fill_encoder_cache  # noqa: E402
@@ -87,13 +88,6 @@ SMOKE = {"train_per_domain": 4, "eval_per_domain": 2, "domains": ["alarm", "time
 
 # ---------------------------------------------------------------------------------------------
 # text subsets
-
-
-def spread(n: int, k: int | None) -> list[int]:
-    """``k`` row indices spread evenly over ``n`` (all when k is None or >= n)."""
-    if k is None or k >= n:
-        return list(range(n))
-    return [(i * n) // k for i in range(max(0, k))]
 
 
 def write_subsets(topv2: Path, domains: Sequence[str], per_split: dict[str, int | None], out: Path) -> list[Path]:
